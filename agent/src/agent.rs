@@ -1,0 +1,1298 @@
+//! The agent itself: one task that owns the persisted state, takes messages from the MQTT
+//! session, drives downloads, installs, probation and reverts, and queues reports.
+//!
+//! Every change follows the same order: decide (pure, [`crate::state::transition`]), persist
+//! (store, flushed), then act (files, commands, reports). A restart resumes from what was
+//! persisted (see [`Agent::resume`]).
+
+use crate::cmd::{self, Subst};
+use crate::config::AgentConfig;
+use crate::download::{self, Complete, Fetch};
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::health;
+use crate::install::{FsInstaller, Installer};
+use crate::state::{
+    is_activated, is_busy, release_ref, transition, Job, Kept, Origin, Persisted, RevertCause, Step,
+};
+use crate::store::{SledStore, Store};
+use crate::transport::{self, Inbound, TAG_EVENT, TAG_STATE};
+use jiff::{SignedDuration, Timestamp};
+use ringcast_proto::digest::sha256_hex as digest_hex;
+use ringcast_proto::report::ErrorInfo;
+use ringcast_proto::{
+    accept_directive, in_ramp, Action, AgentView, Clock, DeviceIdentity, Envelope, Event,
+    EventKind, Phase, ReleaseRef, Rotation, Schedule, Source, StateReport, SystemClock, Topic,
+    Topics, TrustRoot,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+/// How often the agent looks at the clock (activation, retries, probation rounds). Logical
+/// waits compare against [`Clock::now`] at each tick, so a test's `FakeClock` takes effect at
+/// the next tick.
+const TICK: Duration = Duration::from_millis(100);
+
+/// The outside world the agent talks to, injectable for tests and simulators.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// Durable state and outbox.
+    pub store: Arc<dyn Store>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Activation and revert.
+    pub installer: Arc<dyn Installer>,
+}
+
+impl Deps {
+    /// The real ones: sled in `{data_dir}/db`, the system clock, the filesystem installer at
+    /// the configured install root.
+    pub fn real(cfg: &AgentConfig) -> Result<Deps> {
+        fsutil::ensure_dir(&cfg.data_dir)?;
+        Ok(Deps {
+            store: Arc::new(SledStore::open(&cfg.data_dir.join("db"))?),
+            clock: Arc::new(SystemClock),
+            installer: Arc::new(FsInstaller::new(
+                cfg.install_root(),
+                cfg.install.command_timeout.get(),
+                cfg.health.output_tail,
+            )),
+        })
+    }
+}
+
+/// A running agent, as seen from the process that spawned it.
+#[derive(Debug)]
+pub struct AgentHandle {
+    shutdown: watch::Sender<bool>,
+    status: watch::Receiver<StateReport>,
+    join: JoinHandle<Result<()>>,
+}
+
+impl AgentHandle {
+    /// The latest state report (what the agent last published).
+    pub fn status(&self) -> StateReport {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that changes with every state report.
+    pub fn watch(&self) -> watch::Receiver<StateReport> {
+        self.status.clone()
+    }
+
+    /// Stop the agent (as on SIGTERM) and wait for it.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        match self.join.await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Store(format!("agent task failed: {e}"))),
+        }
+    }
+}
+
+/// How `run` ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Until shutdown.
+    Daemon,
+    /// Until retained messages are processed and nothing is under way.
+    Once,
+}
+
+/// The device agent.
+pub struct Agent {
+    cfg: AgentConfig,
+    deps: Deps,
+    topics: Topics,
+    trust: TrustRoot,
+    st: Persisted,
+    status_tx: watch::Sender<StateReport>,
+    poke: Arc<Notify>,
+    http: crate::http::Client,
+    event_n: u64,
+    /// Set by handlers: start a download attempt now.
+    want_download: bool,
+    /// Set by handlers: abort the running download.
+    cancel_download: bool,
+    progress: Option<watch::Receiver<u64>>,
+    progress_mark: u64,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("device", &self.cfg.device_id)
+            .field("phase", &self.st.phase)
+            .finish()
+    }
+}
+
+const KEY_STATE: &str = "state";
+const KEY_TRUST: &str = "trust";
+
+impl Agent {
+    /// Build an agent: load the persisted state (or start fresh) and the trust root (the
+    /// persisted one, else the configured initial root file).
+    pub fn new(cfg: AgentConfig, deps: Deps) -> Result<Agent> {
+        transport::install_crypto_provider();
+        let topics = cfg.topics().map_err(|e| Error::Config {
+            path: PathBuf::from("agent config"),
+            detail: format!("field topic_prefix: {}", e.detail),
+        })?;
+        fsutil::ensure_dir(&cfg.data_dir)?;
+        let trust = match deps.store.get(KEY_TRUST)? {
+            Some(bytes) => TrustRoot::from_bytes_self_signed(&bytes).map_err(Error::Trust)?,
+            None => {
+                let bytes = std::fs::read(&cfg.trust_root)
+                    .map_err(|e| Error::io("read trust root", &cfg.trust_root, e))?;
+                let t = TrustRoot::from_bytes_self_signed(&bytes).map_err(Error::Trust)?;
+                deps.store.put(KEY_TRUST, &bytes)?;
+                t
+            }
+        };
+        let mut st = match deps.store.get(KEY_STATE)? {
+            Some(bytes) => serde_json::from_slice::<Persisted>(&bytes)
+                .map_err(|e| Error::Store(format!("persisted state unreadable: {e}")))?,
+            None => Persisted::new(deps.clock.now()),
+        };
+        st.boot += 1;
+        let http = download::client(
+            cfg.download.connect_timeout.get(),
+            cfg.download.ca_file.as_deref(),
+        )?;
+        let report = build_report(&cfg, &st, deps.clock.now());
+        let (status_tx, _) = watch::channel(report);
+        let agent = Agent {
+            cfg,
+            deps,
+            topics,
+            trust,
+            st,
+            status_tx,
+            poke: Arc::new(Notify::new()),
+            http,
+            event_n: 0,
+            want_download: false,
+            cancel_download: false,
+            progress: None,
+            progress_mark: 0,
+        };
+        agent.save()?;
+        Ok(agent)
+    }
+
+    /// Open an agent with the real dependencies ([`Deps::real`]).
+    pub fn open(cfg: AgentConfig) -> Result<Agent> {
+        let deps = Deps::real(&cfg)?;
+        Agent::new(cfg, deps)
+    }
+
+    /// A receiver of the agent's state reports (in-process status).
+    pub fn watch(&self) -> watch::Receiver<StateReport> {
+        self.status_tx.subscribe()
+    }
+
+    /// The current state report.
+    pub fn report(&self) -> StateReport {
+        build_report(&self.cfg, &self.st, self.deps.clock.now())
+    }
+
+    /// Run on the current tokio runtime until `shutdown` is set to `true`.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<()> {
+        let span =
+            tracing::info_span!("agent", device = %self.cfg.device_id, ring = %self.cfg.ring);
+        self.run_mode(Mode::Daemon, shutdown).instrument(span).await
+    }
+
+    /// Process what is retained on the subscribed topics, finish any work that can finish now
+    /// (download, install, probation), flush the reports, and return.
+    pub async fn run_once(self) -> Result<()> {
+        let span =
+            tracing::info_span!("agent", device = %self.cfg.device_id, ring = %self.cfg.ring);
+        let (_tx, rx) = watch::channel(false);
+        self.run_mode(Mode::Once, rx).instrument(span).await
+    }
+
+    /// Spawn onto the current runtime; the handle stops it and reads its status.
+    pub fn spawn(self) -> AgentHandle {
+        let (tx, rx) = watch::channel(false);
+        let status = self.watch();
+        let join = tokio::spawn(self.run(rx));
+        AgentHandle {
+            shutdown: tx,
+            status,
+            join,
+        }
+    }
+
+    async fn run_mode(mut self, mode: Mode, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(64);
+        let (conn_tx, conn_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let transport = tokio::spawn(transport::run(
+            self.cfg.clone(),
+            self.deps.store.clone(),
+            in_tx,
+            self.poke.clone(),
+            conn_tx,
+            stop_rx,
+        ));
+        self.resume().await?;
+        let mut download: Option<JoinHandle<Result<Complete>>> = None;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let started = tokio::time::Instant::now();
+        let mut subscribed = false;
+        let mut last_inbound = tokio::time::Instant::now();
+        let result = loop {
+            if self.cancel_download {
+                self.cancel_download = false;
+                if let Some(h) = download.take() {
+                    h.abort();
+                }
+                self.progress = None;
+            }
+            if self.want_download && download.is_none() {
+                self.want_download = false;
+                match self.start_download() {
+                    Ok(h) => download = Some(h),
+                    Err(e) => self.download_failed(e)?,
+                }
+            }
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { break Ok(()); }
+                }
+                msg = in_rx.recv() => match msg {
+                    Some(Inbound::Message { topic, payload }) => {
+                        last_inbound = tokio::time::Instant::now();
+                        self.on_message(&topic, &payload).await?;
+                    }
+                    Some(Inbound::Subscribed) => {
+                        subscribed = true;
+                        last_inbound = tokio::time::Instant::now();
+                    }
+                    None => break Err(Error::Mqtt("MQTT session task ended".into())),
+                },
+                res = async { match download.as_mut() { Some(h) => h.await, None => std::future::pending().await } } => {
+                    download = None;
+                    self.progress = None;
+                    match res {
+                        Ok(Ok(c)) => self.on_body_complete(c).await?,
+                        Ok(Err(e)) => self.download_failed(e)?,
+                        Err(e) if e.is_cancelled() => {}
+                        Err(e) => self.download_failed(Error::Download { code: "download_panicked", detail: e.to_string() })?,
+                    }
+                }
+                _ = tick.tick() => {
+                    self.drive().await?;
+                    if mode == Mode::Once {
+                        let quiet = last_inbound.elapsed() > Duration::from_millis(500);
+                        if subscribed && quiet && download.is_none() && !self.want_download && self.settled() {
+                            break Ok(());
+                        }
+                        if !subscribed && started.elapsed() > Duration::from_secs(30) {
+                            break Err(Error::Mqtt("could not subscribe to the broker within 30s".into()));
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(h) = download.take() {
+            h.abort();
+        }
+        if mode == Mode::Once && *conn_rx.borrow() {
+            // Give the session a moment to deliver what is queued.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while self.deps.store.outbox_len().unwrap_or(0) > 0
+                && tokio::time::Instant::now() < deadline
+            {
+                self.poke.notify_one();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(Duration::from_secs(5), transport).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "mqtt session ended with an error"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("mqtt session did not stop within 5s"),
+        }
+        result
+    }
+
+    // ----- persistence and reporting -------------------------------------------------------
+
+    fn save(&self) -> Result<()> {
+        let bytes = serde_json::to_vec(&self.st)
+            .map_err(|e| Error::Store(format!("serialise state: {e}")))?;
+        self.deps.store.put(KEY_STATE, &bytes)
+    }
+
+    fn now(&self) -> Timestamp {
+        self.deps.clock.now()
+    }
+
+    /// `max(local clock, newest verified issued_at)`: what expiry and activation are judged by.
+    fn trusted_now(&self) -> Timestamp {
+        self.now().max(self.st.trusted_now)
+    }
+
+    fn queue(&self, tag: u8, body: Vec<u8>) {
+        let max = self.cfg.reports.queue_max;
+        if let Ok(n) = self.deps.store.outbox_len() {
+            if n >= max {
+                // Bounded: make room by dropping what carries the least, superseded state
+                // reports and download progress first (see `eviction_order`).
+                if let Ok(all) = self.deps.store.outbox_peek(n) {
+                    for seq in eviction_order(&all).into_iter().take(n + 1 - max) {
+                        let _ = self.deps.store.outbox_remove(seq);
+                    }
+                }
+                tracing::warn!(
+                    queue_max = max,
+                    "report queue full; dropped the least useful"
+                );
+            }
+        }
+        let mut msg = Vec::with_capacity(body.len() + 1);
+        msg.push(tag);
+        msg.extend_from_slice(&body);
+        if let Err(e) = self.deps.store.outbox_push(&msg) {
+            tracing::error!(error = %e, "cannot queue report");
+        }
+        self.poke.notify_one();
+    }
+
+    fn event(&mut self, rollout_id: Option<String>, release: Option<ReleaseRef>, kind: EventKind) {
+        self.event_n += 1;
+        let e = Event {
+            id: format!("{}-{}-{}", self.cfg.device_id, self.st.boot, self.event_n),
+            device: self.cfg.device_id.clone(),
+            at: self.trusted_now(),
+            rollout_id,
+            release,
+            kind,
+        };
+        tracing::info!(event = e.kind.name(), id = %e.id, rollout_id = ?e.rollout_id, "event");
+        self.queue(TAG_EVENT, e.to_bytes());
+    }
+
+    fn job_event(&mut self, kind: EventKind) {
+        let (r, t) = match &self.st.job {
+            Some(j) => (Some(j.rollout_id.clone()), Some(j.target())),
+            None => (self.st.rollout_id.clone(), self.st.target.clone()),
+        };
+        self.event(r, t, kind);
+    }
+
+    fn publish_state(&self) {
+        let report = build_report(&self.cfg, &self.st, self.trusted_now());
+        let bytes = report.to_bytes();
+        if let Err(e) = fsutil::write_atomic(&self.cfg.data_dir.join("status.json"), &bytes) {
+            tracing::warn!(error = %e, "cannot write status.json");
+        }
+        self.status_tx.send_replace(report);
+        self.queue(TAG_STATE, bytes);
+    }
+
+    /// Apply a step to the phase, persist, and publish the state report.
+    fn step(&mut self, step: Step) -> Result<()> {
+        let next = transition(step, self.st.phase).map_err(|d| Error::Store(d.to_string()))?;
+        tracing::info!(
+            from = self.st.phase.as_str(),
+            to = next.as_str(),
+            ?step,
+            "phase"
+        );
+        self.st.phase = next;
+        self.save()?;
+        self.publish_state();
+        Ok(())
+    }
+
+    // ----- start-up -------------------------------------------------------------------------
+
+    /// Resume from the persisted phase after a start (DESIGN.md: a crash at any point resumes
+    /// from the persisted phase).
+    async fn resume(&mut self) -> Result<()> {
+        tracing::info!(
+            phase = self.st.phase.as_str(),
+            boot = self.st.boot,
+            "starting"
+        );
+        match self.st.phase {
+            Phase::Downloading | Phase::Verifying => {
+                if self.st.phase == Phase::Verifying {
+                    self.st.phase = transition(Step::DownloadFailed, Phase::Verifying)
+                        .map_err(|d| Error::Store(d.to_string()))?;
+                }
+                if let Some(j) = self.st.job.as_mut() {
+                    j.retry_at = None;
+                }
+                self.save()?;
+            }
+            Phase::Staged => {
+                let ok = self.st.job.as_ref().is_some_and(|j| {
+                    j.artifact.as_deref().is_some_and(|a| {
+                        download::verify_file(
+                            a,
+                            &j.release.artifact.sha256,
+                            j.release.artifact.size,
+                        )
+                    })
+                });
+                if !ok {
+                    tracing::warn!("staged artifact missing or changed; downloading again");
+                    self.step(Step::Start)?;
+                    if let Some(j) = self.st.job.as_mut() {
+                        j.artifact = None;
+                        j.retry_at = None;
+                    }
+                    self.save()?;
+                }
+            }
+            Phase::Installing | Phase::Probation => {
+                // A restart while activating or on probation counts as a failed attempt.
+                let limit = self
+                    .st
+                    .job
+                    .as_ref()
+                    .map(|j| j.release.health.restarts_to_revert)
+                    .unwrap_or(1);
+                let restarts = match self.st.job.as_mut() {
+                    Some(j) => {
+                        j.restarts += 1;
+                        j.next_round_at = None;
+                        j.restarts
+                    }
+                    None => limit,
+                };
+                self.save()?;
+                if restarts >= limit {
+                    self.revert(RevertCause {
+                        reason: "too_many_restarts".into(),
+                        check: None,
+                        output: Some(format!(
+                            "agent restarted {restarts} time(s) during {}",
+                            self.st.phase.as_str()
+                        )),
+                    })
+                    .await?;
+                } else if self.st.phase == Phase::Installing {
+                    self.activate().await?;
+                }
+            }
+            Phase::Reverting => {
+                let cause = self
+                    .st
+                    .job
+                    .as_ref()
+                    .and_then(|j| j.revert_cause.clone())
+                    .unwrap_or(RevertCause {
+                        reason: "interrupted_revert".into(),
+                        check: None,
+                        output: None,
+                    });
+                self.revert(cause).await?;
+            }
+            Phase::Idle | Phase::Committed | Phase::Reverted | Phase::Failed => {}
+        }
+        self.publish_state();
+        Ok(())
+    }
+
+    // ----- inbound --------------------------------------------------------------------------
+
+    async fn on_message(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
+        match self.topics.parse(topic) {
+            Ok(Topic::Trust) => self.on_trust(payload),
+            Ok(Topic::RingDirective(r)) if r == self.cfg.ring => {
+                self.on_directive(Source::Ring, payload).await
+            }
+            Ok(Topic::DeviceDirective(d)) if d == self.cfg.device_id => {
+                self.on_directive(Source::Device, payload).await
+            }
+            _ => {
+                tracing::debug!(%topic, "message on a topic this agent does not act on");
+                Ok(())
+            }
+        }
+    }
+
+    fn on_trust(&mut self, payload: &[u8]) -> Result<()> {
+        let res = Envelope::from_slice(payload).and_then(|env| {
+            self.trust
+                .rotate(&env, self.trusted_now(), self.cfg.clock_skew.signed())
+        });
+        match res {
+            Ok(Rotation::Unchanged) => Ok(()),
+            Ok(Rotation::Accepted(next)) => {
+                // Persist first: a restart must never fall back to the older root.
+                self.deps.store.put(KEY_TRUST, payload)?;
+                let version = next.version();
+                self.trust = *next;
+                tracing::info!(version, "trust root rotated");
+                self.event(None, None, EventKind::TrustRotated { version });
+                Ok(())
+            }
+            Err(rej) => {
+                tracing::warn!(reason = rej.reason.code(), detail = %rej.detail, "trust root rejected");
+                self.event(
+                    None,
+                    None,
+                    EventKind::Rejected {
+                        reason: rej.reason,
+                        detail: format!("trust: {}", rej.detail),
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_directive(&mut self, source: Source, payload: &[u8]) -> Result<()> {
+        let digest = digest_hex(payload);
+        let last_digest = match source {
+            Source::Ring => &self.st.digests.ring_digest,
+            Source::Device => &self.st.digests.device_digest,
+        };
+        if last_digest.as_deref() == Some(digest.as_str()) {
+            // The retained copy of what we already accepted, seen again on reconnect.
+            tracing::debug!(?source, "directive already accepted");
+            return Ok(());
+        }
+        let me = DeviceIdentity {
+            id: &self.cfg.device_id,
+            fleet: &self.cfg.fleet,
+            ring: &self.cfg.ring,
+            class: &self.cfg.device_class,
+        };
+        let view = AgentView {
+            trust: &self.trust,
+            last_sequence: match source {
+                Source::Ring => self.st.last_seq_ring,
+                Source::Device => self.st.last_seq_device,
+            },
+            rollback_floor: self.st.rollback_floor,
+            trusted_now: self.trusted_now(),
+            skew: self.cfg.clock_skew.signed(),
+        };
+        let acc = match accept_directive(&me, &view, source, payload) {
+            Ok(a) => a,
+            Err(rej) => {
+                tracing::warn!(?source, reason = rej.reason.code(), detail = %rej.detail, "directive rejected");
+                self.event(
+                    None,
+                    None,
+                    EventKind::Rejected {
+                        reason: rej.reason,
+                        detail: rej.detail,
+                    },
+                );
+                return Ok(());
+            }
+        };
+        let d = acc.directive;
+        let span = tracing::info_span!("directive", rollout_id = %d.rollout_id, ?source);
+        // Entered only for the synchronous part; the await below is instrumented instead.
+        let entered = span.enter();
+        self.st.trusted_now = self.st.trusted_now.max(acc.trusted_now);
+        let kept = Kept {
+            directive: d.clone(),
+            release: acc.release.clone(),
+        };
+        match source {
+            Source::Ring => {
+                self.st.last_seq_ring = Some(d.sequence);
+                self.st.digests.ring_digest = Some(digest);
+                // A ring directive for a new rollout ends a device pin.
+                if self.st.device.is_some()
+                    && self.st.pin_ring_rollout.as_deref() != Some(d.rollout_id.as_str())
+                    && self.st.ring.as_ref().map(|k| &k.directive.rollout_id) != Some(&d.rollout_id)
+                {
+                    tracing::info!("new ring rollout releases the device pin");
+                    self.st.device = None;
+                    self.st.pin_ring_rollout = None;
+                }
+                self.st.ring = Some(kept);
+            }
+            Source::Device => {
+                self.st.last_seq_device = Some(d.sequence);
+                self.st.digests.device_digest = Some(digest);
+                if d.action == Action::Hold {
+                    // A device hold releases the pin: the device follows its ring again.
+                    self.st.device = None;
+                    self.st.pin_ring_rollout = None;
+                } else {
+                    self.st.pin_ring_rollout = self
+                        .st
+                        .ring
+                        .as_ref()
+                        .map(|k| k.directive.rollout_id.clone());
+                    self.st.device = Some(kept);
+                }
+            }
+        }
+        self.save()?;
+        let rel = acc.release.as_ref().map(release_ref);
+        self.event(Some(d.rollout_id.clone()), rel, EventKind::Accepted);
+        drop(entered);
+        self.evaluate().instrument(span.clone()).await
+    }
+
+    /// Decide what the kept directives ask of this device now.
+    async fn evaluate(&mut self) -> Result<()> {
+        let (kept, origin) = match (&self.st.device, &self.st.ring) {
+            (Some(d), _) => (d.clone(), Origin::Device),
+            (None, Some(r)) => (r.clone(), Origin::Ring),
+            (None, None) => return Ok(()),
+        };
+        let d = &kept.directive;
+        match (d.action, kept.release) {
+            (Action::Hold, _) | (Action::Install, None) => {
+                if matches!(
+                    self.st.phase,
+                    Phase::Downloading | Phase::Verifying | Phase::Staged
+                ) {
+                    tracing::info!("hold: cancelling work that has not activated");
+                    self.cancel_job()?;
+                    self.event(Some(d.rollout_id.clone()), None, EventKind::Held);
+                    self.step(Step::Cancel)?;
+                } else {
+                    self.event(Some(d.rollout_id.clone()), None, EventKind::Held);
+                }
+                Ok(())
+            }
+            (Action::Install, Some(release)) => {
+                if origin == Origin::Ring && !in_ramp(&d.rollout_id, &self.cfg.device_id, d.percent)
+                {
+                    tracing::debug!(percent = %d.percent, "not in the ramp yet");
+                    return Ok(());
+                }
+                let same =
+                    |r: &ReleaseRef| r.name == release.name && r.sequence == release.sequence;
+                if let Some(job) = self.st.job.as_mut() {
+                    if job.release.name == release.name && job.release.sequence == release.sequence
+                    {
+                        // Same release: a re-signed or re-scheduled directive updates the job.
+                        job.activation = d.activation.clone();
+                        job.rollout_id = d.rollout_id.clone();
+                        job.origin = origin;
+                        self.st.rollout_id = Some(d.rollout_id.clone());
+                        self.save()?;
+                        return Ok(());
+                    }
+                    if is_activated(self.st.phase) {
+                        // Finish (commit or revert) first; evaluated again afterwards.
+                        return Ok(());
+                    }
+                    self.cancel_job()?;
+                }
+                if self.st.current.as_ref().is_some_and(|c| same(&c.release)) {
+                    return Ok(());
+                }
+                if self.st.has_failed(&d.rollout_id, &release) {
+                    tracing::debug!("release failed here in this rollout; not retrying");
+                    return Ok(());
+                }
+                tracing::info!(release = %release.name, version = %release.version, "starting");
+                let job = Job::new(d.rollout_id.clone(), origin, release, d.activation.clone());
+                self.st.rollout_id = Some(job.rollout_id.clone());
+                self.st.target = Some(job.target());
+                self.st.last_error = None;
+                self.st.job = Some(job);
+                self.progress_mark = 0;
+                self.step(Step::Start)?;
+                self.want_download = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// Drop a job that has not activated, and its files.
+    fn cancel_job(&mut self) -> Result<()> {
+        self.cancel_download = true;
+        if let Some(j) = self.st.job.take() {
+            self.remove_job_files(&j);
+        }
+        Ok(())
+    }
+
+    fn remove_job_files(&self, j: &Job) {
+        let sha = &j.release.artifact.sha256;
+        let _ = fsutil::remove_file_if_exists(&self.part_path(sha));
+        let art = self.artifact_path(sha);
+        let in_use = [&self.st.current, &self.st.previous]
+            .into_iter()
+            .flatten()
+            .any(|i| i.location == art);
+        if !in_use {
+            let _ = fsutil::remove_file_if_exists(&art);
+        }
+    }
+
+    fn part_path(&self, sha: &str) -> PathBuf {
+        // Same directory as the final file, so the rename after verification is atomic.
+        self.cfg
+            .data_dir
+            .join("artifacts")
+            .join(format!("{sha}.part"))
+    }
+
+    fn artifact_path(&self, sha: &str) -> PathBuf {
+        self.cfg.data_dir.join("artifacts").join(sha)
+    }
+
+    // ----- download -------------------------------------------------------------------------
+
+    fn start_download(&mut self) -> Result<JoinHandle<Result<Complete>>> {
+        let Some(job) = self.st.job.as_ref() else {
+            return Err(Error::Download {
+                code: "no_job",
+                detail: "nothing to download".into(),
+            });
+        };
+        let a = &job.release.artifact;
+        let url = download::resolve_url(&a.url, self.cfg.artifact_base_url.as_deref())?;
+        let f = Fetch {
+            url,
+            sha256: a.sha256.clone(),
+            size: a.size,
+            part: self.part_path(&a.sha256),
+            stall: self.cfg.download.stall_timeout.get(),
+        };
+        tracing::info!(url = %f.url, size = f.size, attempt = job.attempts + 1, "downloading");
+        let (tx, rx) = watch::channel(0u64);
+        self.progress = Some(rx);
+        let client = self.http.clone();
+        Ok(tokio::spawn(async move {
+            download::fetch(&client, &f, &tx).await
+        }))
+    }
+
+    fn download_failed(&mut self, e: Error) -> Result<()> {
+        if self.st.phase != Phase::Downloading && self.st.phase != Phase::Verifying {
+            return Ok(());
+        }
+        let (initial, max) = (
+            self.cfg.download.retry_initial.get(),
+            self.cfg.download.retry_max.get(),
+        );
+        let now = self.now();
+        let Some(job) = self.st.job.as_mut() else {
+            return Ok(());
+        };
+        job.attempts += 1;
+        let delay = transport::backoff(initial, max, job.attempts);
+        job.retry_at = now
+            .checked_add(SignedDuration::try_from(delay).unwrap_or_default())
+            .ok();
+        let code = e.code();
+        tracing::warn!(code, error = %e, retry_in = ?delay, "download failed");
+        self.st.last_error = Some(ErrorInfo {
+            reason: code.to_owned(),
+            detail: e.to_string(),
+        });
+        self.job_event(EventKind::DownloadFailed {
+            reason: code.to_owned(),
+            detail: e.to_string(),
+            retry_in_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        });
+        self.step(Step::DownloadFailed)
+    }
+
+    async fn on_body_complete(&mut self, c: Complete) -> Result<()> {
+        if self.st.phase != Phase::Downloading {
+            return Ok(());
+        }
+        let Some(job) = self.st.job.clone() else {
+            return Ok(());
+        };
+        if c.sha256 != job.release.artifact.sha256 {
+            // Bytes for a job that was replaced meanwhile: never stage them for this one.
+            return Ok(());
+        }
+        self.step(Step::BodyComplete)?;
+        let dest = self.artifact_path(&job.release.artifact.sha256);
+        let d2 = dest.clone();
+        let res = tokio::task::spawn_blocking(move || download::finish(c, &d2))
+            .await
+            .unwrap_or_else(|e| {
+                Err(Error::Download {
+                    code: "verify_panicked",
+                    detail: e.to_string(),
+                })
+            });
+        if let Err(e) = res {
+            return self.download_failed(e);
+        }
+        if let Some(j) = self.st.job.as_mut() {
+            j.artifact = Some(dest);
+            j.attempts = 0;
+        }
+        let total = job.release.artifact.size;
+        if self.progress_mark < total {
+            self.progress_mark = total;
+            self.job_event(EventKind::Downloading {
+                received: total,
+                total,
+            });
+        }
+        self.st.last_error = None;
+        self.job_event(EventKind::Downloaded);
+        self.step(Step::Verified)?;
+        self.job_event(EventKind::Staged);
+        self.drive().await
+    }
+
+    // ----- the clock-driven part ------------------------------------------------------------
+
+    async fn drive(&mut self) -> Result<()> {
+        match self.st.phase {
+            Phase::Downloading => {
+                self.report_progress();
+                let due = self
+                    .st
+                    .job
+                    .as_ref()
+                    .is_some_and(|j| j.retry_at.is_none_or(|t| self.now() >= t));
+                if due && self.progress.is_none() {
+                    self.want_download = true;
+                }
+                Ok(())
+            }
+            Phase::Staged => {
+                if self.activation_allowed() {
+                    self.activate().await
+                } else {
+                    Ok(())
+                }
+            }
+            Phase::Probation => self.probation().await,
+            _ => Ok(()),
+        }
+    }
+
+    fn report_progress(&mut self) {
+        let Some(rx) = &self.progress else { return };
+        let got = *rx.borrow();
+        let total = self
+            .st
+            .job
+            .as_ref()
+            .map(|j| j.release.artifact.size)
+            .unwrap_or(0);
+        let step = (total / 4).max(1);
+        if got >= self.progress_mark + step || (got == total && got > self.progress_mark) {
+            self.progress_mark = got;
+            self.job_event(EventKind::Downloading {
+                received: got,
+                total,
+            });
+        }
+    }
+
+    fn activation_allowed(&self) -> bool {
+        let Some(job) = &self.st.job else {
+            return false;
+        };
+        let now = self.trusted_now();
+        let directive_ok = job
+            .activation
+            .allows(now, &self.cfg.timezone)
+            .unwrap_or(false);
+        let device_ok = Schedule::new(self.cfg.windows.clone(), &self.cfg.timezone)
+            .map(|s| s.is_open(now))
+            .unwrap_or(false);
+        directive_ok && device_ok
+    }
+
+    fn settled(&self) -> bool {
+        match self.st.phase {
+            Phase::Idle | Phase::Committed | Phase::Reverted | Phase::Failed => true,
+            Phase::Staged => !self.activation_allowed(),
+            _ => !is_busy(self.st.phase),
+        }
+    }
+
+    // ----- activation -----------------------------------------------------------------------
+
+    /// Staged → Installing → Probation (or Failed when nothing changed). Also re-entered after
+    /// a restart in Installing; every step is repeatable.
+    async fn activate(&mut self) -> Result<()> {
+        if self.st.phase == Phase::Staged {
+            let (cur, prev) = (self.st.current.clone(), self.st.previous.clone());
+            if let Some(j) = self.st.job.as_mut() {
+                j.before_current = cur;
+                j.before_previous = prev;
+            }
+            self.step(Step::Activate)?;
+        }
+        let Some(job) = self.st.job.clone() else {
+            return Ok(());
+        };
+        let artifact = job
+            .artifact
+            .clone()
+            .unwrap_or_else(|| self.artifact_path(&job.release.artifact.sha256));
+        let tail = self.cfg.health.output_tail;
+        let timeout = self.cfg.install.command_timeout.get();
+        let planned_dir = self
+            .cfg
+            .install_root()
+            .join("releases")
+            .join(job.release.version.to_string());
+        if let Some(pre) = &job.release.install.pre_activate {
+            let s = Subst {
+                release_dir: Some(&planned_dir),
+                artifact: Some(&artifact),
+            };
+            let o = cmd::run(pre, &s, timeout, tail).await;
+            if !o.ok {
+                return self
+                    .install_failed("pre_activate_failed", format!("{}: {}", o.status, o.tail));
+            }
+        }
+        let installed = match self.deps.installer.install(&job.release, &artifact).await {
+            Ok(i) => i,
+            Err(e) => return self.install_failed(e.code(), e.to_string()),
+        };
+        let now = self.now();
+        let release_dir = installed.release_dir.clone();
+        self.st.previous = job.before_current.clone();
+        self.st.current = Some(installed);
+        let interval = job.release.health.interval.signed();
+        if let Some(j) = self.st.job.as_mut() {
+            j.probation_started = Some(now);
+            j.next_round_at = now.checked_add(interval).ok();
+        }
+        self.job_event(EventKind::Installed);
+        self.step(Step::Activated)?;
+        if let Some(post) = &job.release.install.post_activate {
+            let s = Subst {
+                release_dir: Some(&release_dir),
+                artifact: Some(&artifact),
+            };
+            let o = cmd::run(post, &s, timeout, tail).await;
+            if !o.ok {
+                return self
+                    .round_failed(
+                        health::Failure {
+                            check: "post_activate".into(),
+                            output: format!("{}\n{}", o.status, o.tail),
+                        },
+                        "post_activate_failed",
+                    )
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    fn install_failed(&mut self, code: &str, detail: String) -> Result<()> {
+        tracing::warn!(code, %detail, "install failed; nothing changed");
+        let Some(job) = self.st.job.take() else {
+            return Ok(());
+        };
+        self.remove_job_files(&job);
+        let target = job.target();
+        self.st.remember_failure(&job.rollout_id, &target);
+        self.st.last_error = Some(ErrorInfo {
+            reason: code.to_owned(),
+            detail: detail.clone(),
+        });
+        self.event(
+            Some(job.rollout_id.clone()),
+            Some(target),
+            EventKind::InstallFailed {
+                reason: code.to_owned(),
+                detail,
+            },
+        );
+        self.step(Step::InstallFailed)
+    }
+
+    // ----- probation ------------------------------------------------------------------------
+
+    async fn probation(&mut self) -> Result<()> {
+        let Some(job) = self.st.job.clone() else {
+            return Ok(());
+        };
+        let now = self.now();
+        let h = &job.release.health;
+        let started = job.probation_started.unwrap_or(now);
+        let over = now >= started.checked_add(h.probation.signed()).unwrap_or(started);
+        let round_due = job.next_round_at.is_none_or(|t| now >= t);
+        if !round_due && !over {
+            return Ok(());
+        }
+        let release_dir = self
+            .st
+            .current
+            .as_ref()
+            .map(|c| c.release_dir.clone())
+            .unwrap_or_default();
+        let artifact = job.artifact.clone();
+        let failure = health::round(
+            &h.checks,
+            &release_dir,
+            artifact.as_deref(),
+            &self.http,
+            self.cfg.health.output_tail,
+        )
+        .await;
+        let after = self.now();
+        if let Some(f) = failure {
+            return self.round_failed(f, "health_check_failed").await;
+        }
+        if let Some(j) = self.st.job.as_mut() {
+            j.rounds_ok += 1;
+            j.next_round_at = after.checked_add(h.interval.signed()).ok();
+        }
+        if over {
+            return self.commit().await;
+        }
+        self.save()?;
+        self.job_event(EventKind::Healthy);
+        Ok(())
+    }
+
+    async fn round_failed(&mut self, f: health::Failure, reason: &str) -> Result<()> {
+        let now = self.now();
+        let Some(j) = self.st.job.as_mut() else {
+            return Ok(());
+        };
+        j.failures += 1;
+        j.next_round_at = now.checked_add(j.release.health.interval.signed()).ok();
+        let (failures, limit) = (j.failures, j.release.health.failures_to_revert);
+        tracing::warn!(check = %f.check, failures, limit, "health round failed");
+        self.st.last_error = Some(ErrorInfo {
+            reason: reason.to_owned(),
+            detail: format!("{}: {}", f.check, f.output),
+        });
+        self.save()?;
+        if failures >= limit {
+            return self
+                .revert(RevertCause {
+                    reason: reason.to_owned(),
+                    check: Some(f.check),
+                    output: Some(f.output),
+                })
+                .await;
+        }
+        self.publish_state();
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<()> {
+        let Some(job) = self.st.job.take() else {
+            return Ok(());
+        };
+        // Raise the floor only now: until commit the device may still go back (DESIGN.md
+        // "highest rollback_floor it has installed").
+        self.st.rollback_floor = self.st.rollback_floor.max(job.release.rollback_floor);
+        self.st.last_error = None;
+        self.st.rollout_id = Some(job.rollout_id.clone());
+        self.st.target = Some(job.target());
+        self.event(
+            Some(job.rollout_id.clone()),
+            Some(job.target()),
+            EventKind::Committed,
+        );
+        self.step(Step::ProbationPassed)?;
+        let keep: Vec<_> = [&self.st.current, &self.st.previous]
+            .into_iter()
+            .flatten()
+            .collect();
+        if let Err(e) = self.deps.installer.prune(&keep) {
+            tracing::warn!(error = %e, "pruning old releases failed");
+        }
+        self.prune_artifacts();
+        self.evaluate().await
+    }
+
+    /// Remove downloaded artifacts no installed release refers to.
+    fn prune_artifacts(&self) {
+        let dir = self.cfg.data_dir.join("artifacts");
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let keep: Vec<PathBuf> = [&self.st.current, &self.st.previous]
+            .into_iter()
+            .flatten()
+            .map(|i| i.location.clone())
+            .chain(self.st.job.iter().filter_map(|j| j.artifact.clone()))
+            .collect();
+        for e in rd.flatten() {
+            if !keep.contains(&e.path()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    // ----- revert ---------------------------------------------------------------------------
+
+    /// Go back to the release that ran before, locally: no controller, no network.
+    async fn revert(&mut self, cause: RevertCause) -> Result<()> {
+        if let Some(j) = self.st.job.as_mut() {
+            j.revert_cause = Some(cause.clone());
+        }
+        if self.st.phase != Phase::Reverting {
+            self.st.last_error = Some(ErrorInfo {
+                reason: cause.reason.clone(),
+                detail: cause.output.clone().unwrap_or_default(),
+            });
+            self.step(Step::Revert)?;
+        }
+        let Some(job) = self.st.job.clone() else {
+            return Ok(());
+        };
+        tracing::warn!(reason = %cause.reason, check = ?cause.check, "reverting");
+        let mut detail = cause.output.clone().unwrap_or_default();
+        if let Err(e) = self
+            .deps
+            .installer
+            .revert(&job.release, job.before_current.as_ref())
+            .await
+        {
+            // Nothing better to do than say so: the previous state is restored as far as the
+            // installer could.
+            tracing::error!(error = %e, "revert step failed");
+            detail = format!("{detail}\nrevert: {e}");
+        }
+        self.st.current = job.before_current.clone();
+        self.st.previous = job.before_previous.clone();
+        self.st.job = None;
+        self.remove_job_files(&job);
+        let target = job.target();
+        self.st.remember_failure(&job.rollout_id, &target);
+        self.st.rollout_id = Some(job.rollout_id.clone());
+        self.st.target = Some(target.clone());
+        self.st.last_error = Some(ErrorInfo {
+            reason: cause.reason.clone(),
+            detail,
+        });
+        self.event(
+            Some(job.rollout_id.clone()),
+            Some(target),
+            EventKind::Reverted {
+                reason: cause.reason,
+                check: cause.check,
+                output: cause.output,
+            },
+        );
+        self.step(Step::RevertDone)?;
+        Box::pin(self.evaluate()).await
+    }
+}
+
+/// The state report for `st`.
+fn build_report(cfg: &AgentConfig, st: &Persisted, now: Timestamp) -> StateReport {
+    StateReport {
+        device: cfg.device_id.clone(),
+        ring: cfg.ring.clone(),
+        device_class: cfg.device_class.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        current: st.current.as_ref().map(|i| i.release.clone()),
+        previous: st.previous.as_ref().map(|i| i.release.clone()),
+        target: st
+            .job
+            .as_ref()
+            .map(|j| j.target())
+            .or_else(|| st.target.clone()),
+        phase: st.phase,
+        rollout_id: st
+            .job
+            .as_ref()
+            .map(|j| j.rollout_id.clone())
+            .or_else(|| st.rollout_id.clone()),
+        last_error: st.last_error.clone(),
+        windows: cfg.windows.clone(),
+        timezone: cfg.timezone.clone(),
+        updated_at: now,
+    }
+}
+
+/// Which queued messages to drop first when the report queue is full, most expendable first:
+/// state reports superseded by a newer one still queued (the retained topic keeps only the
+/// last anyway), then `downloading` progress events, then everything else oldest first — so
+/// lifecycle events such as `reverted` and its evidence are the last to go.
+fn eviction_order(queued: &[(u64, Vec<u8>)]) -> Vec<u64> {
+    let newest_state = queued
+        .iter()
+        .filter(|(_, m)| m.first() == Some(&TAG_STATE))
+        .map(|(seq, _)| *seq)
+        .max();
+    let rank = |(seq, m): &(u64, Vec<u8>)| -> u8 {
+        match m.first() {
+            Some(&TAG_STATE) if Some(*seq) != newest_state => 0,
+            Some(&TAG_EVENT) => match Event::parse(&m[1..]) {
+                Ok(Event {
+                    kind: EventKind::Downloading { .. },
+                    ..
+                }) => 1,
+                _ => 2,
+            },
+            _ => 2,
+        }
+    };
+    let mut order: Vec<(u8, u64)> = queued.iter().map(|q| (rank(q), q.0)).collect();
+    order.sort_unstable();
+    order.into_iter().map(|(_, seq)| seq).collect()
+}
+
+#[cfg(test)]
+mod eviction_tests {
+    use super::*;
+    use ringcast_proto::{Event, EventKind};
+
+    #[test]
+    fn full_queue_drops_superseded_state_and_progress_before_lifecycle_events() {
+        let ev = |id: &str, kind: EventKind| {
+            let e = Event {
+                id: id.into(),
+                device: "d".into(),
+                at: ringcast_proto::testkit::now(),
+                rollout_id: None,
+                release: None,
+                kind,
+            };
+            let mut m = vec![TAG_EVENT];
+            m.extend(e.to_bytes());
+            m
+        };
+        let state = |b: u8| vec![TAG_STATE, b'{', b];
+        let q = vec![
+            (1, ev("a", EventKind::Accepted)),
+            (2, state(1)),
+            (
+                3,
+                ev(
+                    "b",
+                    EventKind::Downloading {
+                        received: 1,
+                        total: 2,
+                    },
+                ),
+            ),
+            (
+                4,
+                ev(
+                    "c",
+                    EventKind::Reverted {
+                        reason: "health_check_failed".into(),
+                        check: None,
+                        output: None,
+                    },
+                ),
+            ),
+            (5, state(2)),
+        ];
+        // Superseded state first, then progress, then the rest oldest first.
+        assert_eq!(eviction_order(&q), vec![2, 3, 1, 4, 5]);
+    }
+}

@@ -1,0 +1,79 @@
+//! `ringcast-agent`: the device side of Ringcast. It verifies every directive with
+//! [`ringcast_proto::accept_directive`], downloads and verifies the artifact, installs it
+//! atomically, watches its health through probation, reverts locally when it is unhealthy,
+//! and reports over MQTT (DESIGN.md "Agent state machine").
+//!
+//! # Parts
+//! - [`config`]: [`AgentConfig`], loaded from `agent.toml` (`deny_unknown_fields`; errors name
+//!   the file and the field). Documented example: `deploy/agent.toml`.
+//! - [`store`]: the [`Store`] port — [`SledStore`] (real) and [`MemoryStore`] (simulators).
+//! - [`install`]: the [`Installer`] port — [`FsInstaller`] works in any directory (bundle,
+//!   file and command installs, tar entries checked, atomic `current` switch).
+//! - [`download`]: HTTP(S) with Range resume, stall timeout, streaming SHA-256/size check,
+//!   over [`http`], a small GET-only HTTP/1.1 client (chosen by size, see BENCHMARKS.md).
+//! - [`health`], [`cmd`]: probation checks, hooks and installer commands with timeouts.
+//! - [`transport`]: the MQTT session and the persisted, ordered report outbox.
+//! - [`log`]: the binary's small text/JSON `tracing` subscriber.
+//! - [`state`]: what is persisted and the phase transition table.
+//! - [`agent`]: [`Agent`], the task that ties it together.
+//!
+//! # Using it as a library (simulators, `ringcast demo`)
+//! Many agents can run in one tokio process, each with its own MQTT connection, data dir and
+//! store:
+//! ```no_run
+//! # async fn demo(cfg: ringcast_agent::AgentConfig) -> ringcast_agent::Result<()> {
+//! use ringcast_agent::{Agent, Deps, FsInstaller, MemoryStore};
+//! use std::sync::Arc;
+//! let deps = Deps {
+//!     store: Arc::new(MemoryStore::new()),
+//!     clock: Arc::new(ringcast_proto::SystemClock),
+//!     installer: Arc::new(FsInstaller::new(cfg.install_root(), std::time::Duration::from_secs(60), 2048)),
+//! };
+//! let handle = Agent::new(cfg, deps)?.spawn();
+//! let report = handle.status(); // phase, current, target, rollout_id, last_error
+//! handle.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//! [`Agent::open`] uses the real dependencies ([`Deps::real`]); [`Agent::run`] takes a
+//! `watch::Receiver<bool>` shutdown signal; [`Agent::run_once`] processes what is retained,
+//! finishes what can finish now, and returns.
+//!
+//! # Behaviour worth knowing
+//! - **Directive precedence.** A per-device `install` directive pins the device: ring
+//!   directives are still verified and remembered but not acted on. The pin ends when a
+//!   device `hold` directive arrives (the device follows its ring again) or when a ring
+//!   directive for a *different rollout* than the one current at pin time is accepted.
+//!   Ramp percent applies to ring directives only; a device directive names its device.
+//! - **Hold** cancels work that has not activated (download, staged); an install already
+//!   activated finishes its probation (commit or revert).
+//! - **Activation** needs the directive's `not_before` passed, one of its windows open, and
+//!   one of the device's own `windows` (config) open; empty lists mean "any time".
+//! - **Phases reported**: `committed` = installed and healthy through probation; `reverted`
+//!   / `failed` = failure of `target` (`failed`: nothing changed, e.g. `pre_activate`
+//!   failed); `staged` = verified and waiting for activation. `rollout_id` and `target` stay
+//!   on the final report.
+//! - A release that reverted or failed here is not retried within the same rollout (so a
+//!   re-signed directive cannot loop installs); a new rollout may offer it again.
+//! - The rollback floor rises at commit.
+//! - Restarts during `installing` or `probation` count toward `restarts_to_revert`; below
+//!   it, an install is simply run again (every install step is repeatable).
+
+pub mod agent;
+pub mod cmd;
+pub mod config;
+pub mod download;
+pub mod error;
+pub mod fsutil;
+pub mod health;
+pub mod http;
+pub mod install;
+pub mod log;
+pub mod state;
+pub mod store;
+pub mod transport;
+
+pub use agent::{Agent, AgentHandle, Deps};
+pub use config::AgentConfig;
+pub use error::{Error, Result};
+pub use install::{FsInstaller, Installer};
+pub use store::{MemoryStore, SledStore, Store};

@@ -1,0 +1,899 @@
+//! The HTTP side: JSON API under `/api/v1` (bearer tokens with roles `viewer` < `operator` <
+//! `approver`), Prometheus text at `/metrics`, the artifact store at `/artifacts/sha256/{hex}`
+//! (Range supported) and a small dashboard at `/`.
+//!
+//! Authorisation happens before anything else in a handler, so a refused request has no
+//! partial effect; refused attempts at changing something are audited.
+//!
+//! | method | path | role | what |
+//! |---|---|---|---|
+//! | GET | `/api/v1/releases` | viewer | releases, with `blocked` reasons |
+//! | POST | `/api/v1/releases` | operator | `{envelope, start_at?, activate_at?}`: verify against the trust root, create the rollout |
+//! | POST | `/api/v1/releases/{id}/unblock` | approver | offer a halted release again |
+//! | PUT | `/api/v1/artifacts` | operator | raw body into the content-addressed store |
+//! | GET | `/api/v1/rollouts`, `/api/v1/rollouts/{id}` | viewer | state, per-ring tallies |
+//! | POST | `/api/v1/rollouts/{id}/approve` | approver | `{ring?}`: approve a `manual` ring |
+//! | POST | `/api/v1/rollouts/{id}/pause\|resume\|abort` | operator | |
+//! | GET | `/api/v1/devices?ring=&phase=&rollout=`, `/api/v1/devices/{id}` | viewer | latest report, prediction |
+//! | GET | `/api/v1/audit` | viewer | the raw hash-chained log (verify it client-side) |
+//! | GET | `/api/v1/insight` | viewer | lead time, deployment frequency, change-failure rate, time to restore |
+//! | GET | `/metrics` | — | Prometheus text |
+//! | GET | `/artifacts/sha256/{hex}` | — | artifact bytes, `Range` supported |
+//!
+//! Errors are `{"error": "<stable code>", "detail": "…"}` with 401, 403, 404, 409, 422 or 500.
+
+use crate::artifacts::{is_sha256_hex, parse_range, RangeReq};
+use crate::audit::Record;
+use crate::config::{ApiRole, Promotion};
+use crate::engine::{self, Actor, EngineHandle, RolloutAction, Submit};
+use crate::error::Error;
+use crate::model::{
+    Approval, DeviceRecord, ReleaseRecord, Rollout, RolloutState, Stage, StepRecord, Tally,
+};
+use crate::shared::Shared;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use jiff::Timestamp;
+use ringcast_proto::{Envelope, Percent};
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Handler state.
+#[derive(Clone)]
+pub struct App {
+    /// Shared tables.
+    pub shared: Arc<Shared>,
+    /// Engine handle.
+    pub engine: EngineHandle,
+}
+
+/// An API error: status, stable code, detail.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: String,
+    detail: String,
+}
+
+/// The JSON body of every error.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable code.
+    pub error: String,
+    /// Human detail.
+    pub detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code: code.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        let status = match &e {
+            Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            Error::Conflict { .. } => StatusCode::CONFLICT,
+            Error::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Config { .. } => StatusCode::BAD_REQUEST,
+            Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let detail = match &e {
+            Error::Conflict { detail, .. } => detail.clone(),
+            Error::Rejected(r) => r.detail.clone(),
+            other => other.to_string(),
+        };
+        ApiError::new(status, e.code(), detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.code,
+            detail: self.detail,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Build the router.
+pub fn router(app: App) -> Router {
+    let max = usize::try_from(app.shared.max_artifact_bytes).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/metrics", get(metrics))
+        .route("/artifacts/sha256/{hex}", get(artifact))
+        .route("/api/v1/releases", get(list_releases).post(submit_release))
+        .route("/api/v1/releases/{id}/unblock", post(unblock_release))
+        .route(
+            "/api/v1/artifacts",
+            put(upload_artifact).layer(DefaultBodyLimit::max(max)),
+        )
+        .route("/api/v1/rollouts", get(list_rollouts))
+        .route("/api/v1/rollouts/{id}", get(show_rollout))
+        .route("/api/v1/rollouts/{id}/{action}", post(act_rollout))
+        .route("/api/v1/devices", get(list_devices))
+        .route("/api/v1/devices/{id}", get(show_device))
+        .route("/api/v1/audit", get(audit_log))
+        .route("/api/v1/insight", get(insight))
+        .with_state(app)
+}
+
+/// Check the bearer token against `need`. Refusals of state-changing requests are audited
+/// (who tried what), then answered 401 (no or unknown token) or 403 (role too low).
+fn authorize(
+    app: &App,
+    headers: &HeaderMap,
+    need: ApiRole,
+    action: &str,
+    target: Option<&str>,
+) -> ApiResult<Actor> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let found = presented.and_then(|t| {
+        let digest = ringcast_proto::digest::sha256_hex(t.as_bytes());
+        app.shared.tokens.iter().find(|e| e.digest() == digest)
+    });
+    let deny = |actor: &str, role: Option<&str>, status: StatusCode, code: &str, detail: String| {
+        app.shared
+            .counters
+            .auth_denied
+            .fetch_add(1, Ordering::Relaxed);
+        if need > ApiRole::Viewer {
+            let r = Record {
+                actor: actor.into(),
+                role: role.map(str::to_owned),
+                action: action.into(),
+                outcome: format!("denied: {code}"),
+                rollout_id: target.map(str::to_owned),
+                ring: None,
+                detail: detail.clone(),
+            };
+            if let Err(e) = app.shared.audit.append(app.shared.clock.now(), r) {
+                tracing::warn!(error = %e, "audit append failed");
+            }
+        }
+        ApiError::new(status, code, detail)
+    };
+    match found {
+        None => Err(deny(
+            "anonymous",
+            None,
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            if presented.is_some() {
+                "unknown token".into()
+            } else {
+                "missing bearer token".into()
+            },
+        )),
+        Some(t) if t.role < need => Err(deny(
+            &t.name,
+            Some(t.role.as_str()),
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "{action} needs role {}, token {} has {}",
+                need.as_str(),
+                t.name,
+                t.role.as_str()
+            ),
+        )),
+        Some(t) => Ok(Actor {
+            name: t.name.clone(),
+            role: t.role.as_str().into(),
+        }),
+    }
+}
+
+/// A release as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseView {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Sequence.
+    pub sequence: u64,
+    /// Artifact digest.
+    pub sha256: String,
+    /// Artifact size.
+    pub size: u64,
+    /// Submitted at.
+    pub submitted_at: Timestamp,
+    /// Submitted by.
+    pub submitted_by: String,
+    /// Why it is blocked, if it is.
+    pub blocked: Option<String>,
+}
+
+impl From<&ReleaseRecord> for ReleaseView {
+    fn from(r: &ReleaseRecord) -> ReleaseView {
+        ReleaseView {
+            id: r.id.clone(),
+            name: r.release.name.clone(),
+            version: r.release.version.to_string(),
+            sequence: r.release.sequence,
+            sha256: r.release.artifact.sha256.clone(),
+            size: r.release.artifact.size,
+            submitted_at: r.submitted_at,
+            submitted_by: r.submitted_by.clone(),
+            blocked: r.blocked.clone(),
+        }
+    }
+}
+
+/// One ring of a rollout as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RingView {
+    /// Ring name.
+    pub name: String,
+    /// `auto` / `manual`.
+    pub promotion: Promotion,
+    /// The ramp.
+    pub steps: Vec<Percent>,
+    /// `not_started`, `done`, `halted`, or the current stage (`baking`, …).
+    pub status: String,
+    /// Current step index (when active).
+    pub step: Option<usize>,
+    /// Percent currently published to the ring for this rollout.
+    pub percent: Option<Percent>,
+    /// Counts.
+    pub tally: Tally,
+    /// Approval, for manual rings.
+    pub approval: Option<Approval>,
+}
+
+/// A rollout as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutView {
+    /// Id.
+    pub id: String,
+    /// Release id.
+    pub release_id: String,
+    /// Release version.
+    pub version: String,
+    /// Phase name.
+    pub phase: String,
+    /// Why it halted, what it waits for, …
+    pub detail: Option<String>,
+    /// Paused.
+    pub paused: bool,
+    /// Current ring name (when active).
+    pub ring: Option<String>,
+    /// Created.
+    pub created_at: Timestamp,
+    /// Scheduled start.
+    pub start_at: Option<Timestamp>,
+    /// Store-scheduled activation.
+    pub activate_at: Option<Timestamp>,
+    /// Ended.
+    pub ended_at: Option<Timestamp>,
+    /// Per ring.
+    pub rings: Vec<RingView>,
+    /// Steps published.
+    pub history: Vec<StepRecord>,
+    /// Full state.
+    pub state: RolloutState,
+}
+
+fn rollout_view(app: &App, r: &Rollout) -> RolloutView {
+    let shared = &app.shared;
+    let now = shared.clock.now();
+    let st = shared.state.read().unwrap_or_else(|p| p.into_inner());
+    let devices = shared.devices.read().unwrap_or_else(|p| p.into_inner());
+    let version = st
+        .releases
+        .get(&r.release_id)
+        .map(|x| x.release.version.to_string())
+        .unwrap_or_default();
+    let cur = match &r.state {
+        RolloutState::Active { ring, step, stage } => Some((*ring, *step, stage.clone())),
+        _ => None,
+    };
+    let rings = shared
+        .policy
+        .rings
+        .iter()
+        .enumerate()
+        .map(|(i, rp)| {
+            let standing = st.rings.get(&rp.name).filter(|d| d.rollout_id == r.id);
+            let reached = r.rings_reached.contains(&rp.name);
+            let (status, step) = match (&r.state, cur.as_ref()) {
+                (_, Some((ci, cs, _))) if *ci == i => (r.state.phase().to_owned(), Some(*cs)),
+                (_, Some((ci, _, _))) if *ci > i => ("done".to_owned(), None),
+                (RolloutState::Completed, _) => ("done".to_owned(), None),
+                (RolloutState::Halted { .. } | RolloutState::RolledBack { .. }, _) if reached => {
+                    ("halted".to_owned(), None)
+                }
+                (RolloutState::Aborted, _) if reached => ("aborted".to_owned(), None),
+                (RolloutState::Superseded { .. }, _) if reached => ("superseded".to_owned(), None),
+                _ => ("not_started".to_owned(), None),
+            };
+            let percent =
+                standing
+                    .map(|d| d.percent)
+                    .or(if reached { Some(Percent::FULL) } else { None });
+            let tally = engine::tally(
+                &devices,
+                r,
+                &rp.name,
+                percent.unwrap_or(Percent::ZERO),
+                now,
+                shared.policy.unresponsive_after.signed(),
+            );
+            RingView {
+                name: rp.name.clone(),
+                promotion: rp.promotion,
+                steps: rp.steps.clone(),
+                status,
+                step,
+                percent,
+                tally,
+                approval: r.approvals.get(&rp.name).cloned(),
+            }
+        })
+        .collect();
+    let detail = match &r.state {
+        RolloutState::Halted { reason } => Some(reason.clone()),
+        RolloutState::RolledBack { reason, to } => Some(format!("{reason}; rolled back to {to}")),
+        RolloutState::Superseded { by } => Some(format!("superseded by {by}")),
+        RolloutState::Active {
+            stage: Stage::ChecksFailed { detail, .. },
+            ..
+        } => Some(detail.clone()),
+        RolloutState::Pending => r.start_at.map(|s| format!("starts at {s}")),
+        _ => None,
+    };
+    RolloutView {
+        id: r.id.clone(),
+        release_id: r.release_id.clone(),
+        version,
+        phase: r.state.phase().into(),
+        detail,
+        paused: r.paused,
+        ring: cur
+            .and_then(|(i, _, _)| shared.policy.rings.get(i))
+            .map(|r| r.name.clone()),
+        created_at: r.created_at,
+        start_at: r.start_at,
+        activate_at: r.activate_at,
+        ended_at: r.ended_at,
+        rings,
+        history: r.history.clone(),
+        state: r.state.clone(),
+    }
+}
+
+async fn list_releases(
+    State(app): State<App>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<ReleaseView>>> {
+    authorize(&app, &headers, ApiRole::Viewer, "list_releases", None)?;
+    let st = app.shared.state.read().unwrap_or_else(|p| p.into_inner());
+    Ok(Json(st.releases.values().map(ReleaseView::from).collect()))
+}
+
+/// Body of `POST /api/v1/releases`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// The signed release envelope.
+    pub envelope: Envelope,
+    /// Scheduled start.
+    #[serde(default)]
+    pub start_at: Option<Timestamp>,
+    /// Store-scheduled activation time.
+    #[serde(default)]
+    pub activate_at: Option<Timestamp>,
+}
+
+/// Answer of `POST /api/v1/releases`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    /// The release.
+    pub release: ReleaseView,
+    /// Its rollout.
+    pub rollout: RolloutView,
+}
+
+async fn submit_release(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<SubmitResponse>> {
+    let actor = authorize(&app, &headers, ApiRole::Operator, "release_submit", None)?;
+    if body.len() > ringcast_proto::limits::MAX_ENVELOPE_BYTES * 2 {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "submission over 128 KiB",
+        ));
+    }
+    let req: SubmitRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            format!("submission: {e}"),
+        )
+    })?;
+    let (rel, rollout) = app
+        .engine
+        .submit(
+            Submit {
+                envelope: req.envelope,
+                start_at: req.start_at,
+                activate_at: req.activate_at,
+            },
+            actor,
+        )
+        .await?;
+    Ok(Json(SubmitResponse {
+        release: ReleaseView::from(&rel),
+        rollout: rollout_view(&app, &rollout),
+    }))
+}
+
+async fn unblock_release(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ReleaseView>> {
+    let actor = authorize(&app, &headers, ApiRole::Approver, "unblock", Some(&id))?;
+    let r = app.engine.unblock(id, actor).await?;
+    Ok(Json(ReleaseView::from(&r)))
+}
+
+/// Answer of `PUT /api/v1/artifacts`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadResponse {
+    /// Digest.
+    pub sha256: String,
+    /// Size.
+    pub size: u64,
+    /// Relative URL agents join to the controller's address.
+    pub url: String,
+}
+
+async fn upload_artifact(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<UploadResponse>> {
+    let actor = authorize(&app, &headers, ApiRole::Operator, "artifact_upload", None)?;
+    let store = app.shared.artifacts.clone();
+    let size = body.len() as u64;
+    let hex = tokio::task::spawn_blocking(move || store.put(&body))
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    let _ = app.shared.audit.append(
+        app.shared.clock.now(),
+        Record {
+            actor: actor.name,
+            role: Some(actor.role),
+            action: "artifact_upload".into(),
+            outcome: "ok".into(),
+            rollout_id: None,
+            ring: None,
+            detail: format!("sha256 {hex}, {size} bytes"),
+        },
+    );
+    Ok(Json(UploadResponse {
+        url: format!("/artifacts/sha256/{hex}"),
+        sha256: hex,
+        size,
+    }))
+}
+
+async fn list_rollouts(
+    State(app): State<App>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<RolloutView>>> {
+    authorize(&app, &headers, ApiRole::Viewer, "list_rollouts", None)?;
+    let rollouts: Vec<Rollout> = {
+        let st = app.shared.state.read().unwrap_or_else(|p| p.into_inner());
+        st.rollouts.values().cloned().collect()
+    };
+    let mut v: Vec<RolloutView> = rollouts.iter().map(|r| rollout_view(&app, r)).collect();
+    v.sort_by_key(|r| r.created_at);
+    Ok(Json(v))
+}
+
+async fn show_rollout(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RolloutView>> {
+    authorize(&app, &headers, ApiRole::Viewer, "show_rollout", Some(&id))?;
+    let r = app
+        .shared
+        .state
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .rollouts
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| Error::NotFound {
+            what: "rollout",
+            id: id.clone(),
+        })?;
+    Ok(Json(rollout_view(&app, &r)))
+}
+
+/// Optional body of rollout actions.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActRequest {
+    /// Ring to approve (default: the ring the rollout waits for).
+    #[serde(default)]
+    pub ring: Option<String>,
+}
+
+async fn act_rollout(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<RolloutView>> {
+    let (act, need) = match action.as_str() {
+        "approve" => (RolloutAction::Approve, ApiRole::Approver),
+        "pause" => (RolloutAction::Pause, ApiRole::Operator),
+        "resume" => (RolloutAction::Resume, ApiRole::Operator),
+        "abort" => (RolloutAction::Abort, ApiRole::Operator),
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no rollout action {other:?}"),
+            ))
+        }
+    };
+    let actor = authorize(&app, &headers, need, act.as_str(), Some(&id))?;
+    let req: ActRequest = if body.is_empty() {
+        ActRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.to_string()))?
+    };
+    let r = app.engine.act(id, act, req.ring, actor).await?;
+    Ok(Json(rollout_view(&app, &r)))
+}
+
+/// Filters of `GET /api/v1/devices`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DeviceFilter {
+    /// Ring.
+    pub ring: Option<String>,
+    /// Phase (`committed`, `reverted`, …, or `unresponsive`).
+    pub phase: Option<String>,
+    /// Rollout id.
+    pub rollout: Option<String>,
+}
+
+/// A device as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// Id.
+    pub id: String,
+    /// Ring.
+    pub ring: Option<String>,
+    /// Device class.
+    pub device_class: Option<String>,
+    /// Phase.
+    pub phase: Option<String>,
+    /// Running version.
+    pub current: Option<String>,
+    /// Rollout of the phase.
+    pub rollout_id: Option<String>,
+    /// Last error code.
+    pub last_error: Option<String>,
+    /// Last seen (controller time).
+    pub last_seen: Timestamp,
+    /// Silent past the timeout.
+    pub unresponsive: bool,
+    /// Online flag.
+    pub online: Option<bool>,
+    /// When the live rollout is predicted to reach it.
+    pub prediction: Option<engine::insight::Prediction>,
+    /// Full record.
+    pub record: DeviceRecord,
+}
+
+fn device_view(app: &App, d: &DeviceRecord) -> DeviceView {
+    let now = app.shared.clock.now();
+    let r = d.report.as_ref();
+    DeviceView {
+        id: d.id.clone(),
+        ring: r.map(|r| r.ring.clone()),
+        device_class: r.map(|r| r.device_class.clone()),
+        phase: r.map(|r| r.phase.as_str().to_owned()),
+        current: r
+            .and_then(|r| r.current.as_ref())
+            .map(|c| format!("{} {}", c.name, c.version)),
+        rollout_id: r.and_then(|r| r.rollout_id.clone()),
+        last_error: r
+            .and_then(|r| r.last_error.as_ref())
+            .map(|e| e.reason.clone()),
+        last_seen: d.last_seen,
+        unresponsive: now.duration_since(d.last_seen)
+            > app.shared.policy.unresponsive_after.signed(),
+        online: d.online,
+        prediction: {
+            let st = app.shared.state.read().unwrap_or_else(|p| p.into_inner());
+            engine::insight::predict(&app.shared.policy, &st, d, now)
+        },
+        record: d.clone(),
+    }
+}
+
+async fn list_devices(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(f): Query<DeviceFilter>,
+) -> ApiResult<Json<Vec<DeviceView>>> {
+    authorize(&app, &headers, ApiRole::Viewer, "list_devices", None)?;
+    let devices: Vec<DeviceRecord> = app
+        .shared
+        .devices
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    let mut out: Vec<DeviceView> = devices
+        .iter()
+        .map(|d| device_view(&app, d))
+        .filter(|v| f.ring.as_ref().is_none_or(|r| v.ring.as_ref() == Some(r)))
+        .filter(|v| {
+            f.rollout
+                .as_ref()
+                .is_none_or(|r| v.rollout_id.as_ref() == Some(r))
+        })
+        .filter(|v| {
+            f.phase.as_ref().is_none_or(|p| {
+                if p == "unresponsive" {
+                    v.unresponsive
+                } else {
+                    v.phase.as_ref() == Some(p)
+                }
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Json(out))
+}
+
+async fn show_device(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DeviceView>> {
+    authorize(&app, &headers, ApiRole::Viewer, "show_device", None)?;
+    let d = app
+        .shared
+        .devices
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| Error::NotFound {
+            what: "device",
+            id: id.clone(),
+        })?;
+    Ok(Json(device_view(&app, &d)))
+}
+
+async fn audit_log(
+    State(app): State<App>,
+    headers: HeaderMap,
+) -> ApiResult<Json<crate::audit::RawLog>> {
+    authorize(&app, &headers, ApiRole::Viewer, "audit_read", None)?;
+    Ok(Json(app.shared.audit.export()?))
+}
+
+async fn insight(
+    State(app): State<App>,
+    headers: HeaderMap,
+) -> ApiResult<Json<engine::insight::Summary>> {
+    authorize(&app, &headers, ApiRole::Viewer, "insight", None)?;
+    let st = app.shared.state.read().unwrap_or_else(|p| p.into_inner());
+    Ok(Json(engine::insight::summary(&st, app.shared.clock.now())))
+}
+
+async fn artifact(State(app): State<App>, headers: HeaderMap, Path(hex): Path<String>) -> Response {
+    if !is_sha256_hex(&hex) {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "not a sha256").into_response();
+    }
+    let Some(path) = app.shared.artifacts.path(&hex) else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such artifact")
+            .into_response();
+    };
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let read = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, RangeReq, Vec<u8>)> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&path)?;
+        let len = f.metadata()?.len();
+        let req = parse_range(range.as_deref(), len);
+        let (start, end) = match req {
+            RangeReq::Full => (0, len.saturating_sub(1)),
+            RangeReq::Part(s, e) => (s, e),
+            RangeReq::Unsatisfiable => return Ok((len, req, Vec::new())),
+        };
+        let n = if len == 0 { 0 } else { end - start + 1 };
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+        f.take(n).read_to_end(&mut buf)?;
+        Ok((len, req, buf))
+    })
+    .await;
+    match read {
+        Ok(Ok((len, RangeReq::Unsatisfiable, _))) => (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+        )
+            .into_response(),
+        Ok(Ok((len, RangeReq::Part(s, e), buf))) => (
+            StatusCode::PARTIAL_CONTENT,
+            [
+                (header::CONTENT_RANGE, format!("bytes {s}-{e}/{len}")),
+                (header::ACCEPT_RANGES, "bytes".to_owned()),
+                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            ],
+            buf,
+        )
+            .into_response(),
+        Ok(Ok((_, RangeReq::Full, buf))) => (
+            StatusCode::OK,
+            [
+                (header::ACCEPT_RANGES, "bytes".to_owned()),
+                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            ],
+            buf,
+        )
+            .into_response(),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such artifact").into_response()
+        }
+        Ok(Err(e)) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()).into_response()
+        }
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            .into_response(),
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', " ")
+}
+
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    let s = &app.shared;
+    let c = &s.counters;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP ringcast_reports_total State reports ingested.\n# TYPE ringcast_reports_total counter");
+    let _ = writeln!(
+        out,
+        "ringcast_reports_total {}",
+        c.reports.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(out, "# HELP ringcast_events_total Device events ingested (deduplicated).\n# TYPE ringcast_events_total counter");
+    let _ = writeln!(
+        out,
+        "ringcast_events_total {}",
+        c.events.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE ringcast_duplicate_events_total counter\nringcast_duplicate_events_total {}",
+        c.duplicate_events.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE ringcast_rejected_messages_total counter\nringcast_rejected_messages_total {}",
+        c.rejected.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE ringcast_api_auth_denied_total counter\nringcast_api_auth_denied_total {}",
+        c.auth_denied.load(Ordering::Relaxed)
+    );
+    let ndev = s.devices.read().unwrap_or_else(|p| p.into_inner()).len();
+    let _ = writeln!(
+        out,
+        "# TYPE ringcast_devices gauge\nringcast_devices {ndev}"
+    );
+    let rollouts: Vec<Rollout> = s
+        .state
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .rollouts
+        .values()
+        .cloned()
+        .collect();
+    let _ = writeln!(out, "# HELP ringcast_rollout_phase 1 for the rollout's current phase.\n# TYPE ringcast_rollout_phase gauge");
+    let mut ring_lines = Vec::new();
+    for r in &rollouts {
+        let _ = writeln!(
+            out,
+            "ringcast_rollout_phase{{rollout=\"{}\",phase=\"{}\"}} 1",
+            esc(&r.id),
+            r.state.phase()
+        );
+        if r.state.is_live() {
+            let v = rollout_view(&app, r);
+            for ring in v.rings {
+                let t = ring.tally;
+                for (k, n) in [
+                    ("committed", t.committed),
+                    ("failed", t.failed),
+                    ("pending", t.pending),
+                    ("unresponsive", t.unresponsive),
+                    ("in_ramp", t.in_ramp),
+                ] {
+                    ring_lines.push(format!(
+                        "ringcast_ring_devices{{rollout=\"{}\",ring=\"{}\",outcome=\"{k}\"}} {n}",
+                        esc(&r.id),
+                        esc(&ring.name)
+                    ));
+                }
+            }
+        }
+    }
+    let _ = writeln!(out, "# HELP ringcast_ring_devices Devices per live rollout, ring and outcome.\n# TYPE ringcast_ring_devices gauge");
+    for l in ring_lines {
+        let _ = writeln!(out, "{l}");
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD)
+}
+
+const DASHBOARD: &str = r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>Ringcast</title>
+<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse}
+td,th{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left}.bar{display:inline-block;width:12em;height:.8em;background:#eee}
+.bar>span{display:block;height:100%;background:#3a7}.bad{color:#b22}</style></head>
+<body><h1>Ringcast</h1><p>Token: <input id="t" type="password" size="40"> <button onclick="save()">use</button></p>
+<div id="out">Enter a viewer token.</div>
+<script>
+function save(){localStorage.rc=document.getElementById('t').value;load()}
+async function load(){const t=localStorage.rc;if(!t)return;
+const r=await fetch('/api/v1/rollouts',{headers:{Authorization:'Bearer '+t}});
+if(!r.ok){document.getElementById('out').textContent='HTTP '+r.status;return}
+const rs=await r.json();let h='';
+for(const x of rs.reverse()){h+='<h3>'+x.id+' — '+x.phase+(x.paused?' (paused)':'')+'</h3>'+(x.detail?'<p class=bad>'+x.detail+'</p>':'')+'<table><tr><th>ring</th><th>status</th><th>progress</th><th>committed</th><th>failed</th><th>pending</th><th>unresponsive</th></tr>';
+for(const g of x.rings){const n=Math.max(g.tally.in_ramp,g.tally.reported,1);const p=Math.round(100*g.tally.committed/n);
+h+='<tr><td>'+g.name+'</td><td>'+g.status+'</td><td><span class=bar><span style="width:'+p+'%"></span></span> '+p+'%</td><td>'+g.tally.committed+'</td><td>'+g.tally.failed+'</td><td>'+g.tally.pending+'</td><td>'+g.tally.unresponsive+'</td></tr>'}
+h+='</table>'}
+document.getElementById('out').innerHTML=h||'No rollouts.'}
+load();setInterval(load,2000);
+</script></body></html>"#;

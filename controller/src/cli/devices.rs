@@ -1,0 +1,130 @@
+//! `ringcast devices list|show`.
+
+use super::common::{block_on, print_json, table, Conn};
+use clap::Subcommand;
+
+/// Arguments of `ringcast devices`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    command: DevicesCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// List devices.
+    List {
+        /// Only this ring.
+        #[arg(long)]
+        ring: Option<String>,
+        /// Only this phase (`committed`, `reverted`, …, or `unresponsive`).
+        #[arg(long)]
+        phase: Option<String>,
+        /// Only devices reporting for this rollout.
+        #[arg(long)]
+        rollout: Option<String>,
+    },
+    /// Show one device.
+    Show {
+        /// Device id.
+        device: String,
+    },
+}
+
+/// Run `ringcast devices …`.
+pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
+    let c = args.conn.client();
+    match args.command {
+        DevicesCommand::List {
+            ring,
+            phase,
+            rollout,
+        } => {
+            let v = block_on(c.devices(ring.as_deref(), phase.as_deref(), rollout.as_deref()))??;
+            if json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.id.clone(),
+                        d.ring.clone().unwrap_or_else(|| "-".into()),
+                        format!(
+                            "{}{}",
+                            d.phase.clone().unwrap_or_else(|| "-".into()),
+                            if d.unresponsive { " (silent)" } else { "" }
+                        ),
+                        d.current.clone().unwrap_or_else(|| "-".into()),
+                        d.rollout_id.clone().unwrap_or_else(|| "-".into()),
+                        d.last_error.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            table(
+                &["device", "ring", "phase", "current", "rollout", "error"],
+                &rows,
+            );
+            Ok(())
+        }
+        DevicesCommand::Show { device } => {
+            let d = block_on(c.device(&device))??;
+            if json {
+                return print_json(&d);
+            }
+            println!("device    {}", d.id);
+            println!("ring      {}", d.ring.as_deref().unwrap_or("-"));
+            println!("class     {}", d.device_class.as_deref().unwrap_or("-"));
+            println!(
+                "phase     {}{}",
+                d.phase.as_deref().unwrap_or("-"),
+                if d.unresponsive {
+                    " (silent past the timeout)"
+                } else {
+                    ""
+                }
+            );
+            println!("current   {}", d.current.as_deref().unwrap_or("-"));
+            println!("rollout   {}", d.rollout_id.as_deref().unwrap_or("-"));
+            println!(
+                "online    {}",
+                d.online
+                    .map(|o| o.to_string())
+                    .unwrap_or_else(|| "-".into())
+            );
+            println!("last seen {}", d.last_seen);
+            if let Some(r) = &d.record.report {
+                if let Some(e) = &r.last_error {
+                    println!("error     {}: {}", e.reason, e.detail);
+                }
+            }
+            if let Some(p) = &d.prediction {
+                match p.at {
+                    Some(at) => println!("update    {at} with {} ({})", p.rollout_id, p.note),
+                    None => println!("update    {} ({})", p.rollout_id, p.note),
+                }
+            }
+            if let Some(e) = &d.record.last_event {
+                println!("event     {} at {}", e.kind.name(), e.at);
+                // A revert carries its evidence: the check that failed and its output.
+                if let ringcast_proto::EventKind::Reverted {
+                    reason,
+                    check,
+                    output,
+                } = &e.kind
+                {
+                    println!("  reason  {reason}");
+                    if let Some(c) = check {
+                        println!("  check   {c}");
+                    }
+                    if let Some(o) = output {
+                        println!("  output  {}", o.trim());
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! `ringcast release submit`: upload the artifact, then the signed release.
+
+use super::common::{block_on, print_json, Conn};
+use anyhow::Context;
+use ringcast_controller::api::SubmitRequest;
+use std::path::PathBuf;
+
+/// Arguments of `ringcast release submit`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    conn: Conn,
+    /// The signed release (`ringcast release sign` output).
+    release: PathBuf,
+    /// The artifact file to upload to the controller's store.
+    #[arg(long)]
+    artifact: Option<PathBuf>,
+    /// Start the rollout at this time (RFC 3339), default now.
+    #[arg(long)]
+    start_at: Option<jiff::Timestamp>,
+    /// Store-scheduled release: devices pre-stage and activate together at this time.
+    #[arg(long)]
+    activate_at: Option<jiff::Timestamp>,
+}
+
+/// Run `ringcast release submit`.
+pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&args.release)
+        .with_context(|| format!("reading {}", args.release.display()))?;
+    let envelope = ringcast_proto::Envelope::from_slice(&bytes)
+        .with_context(|| format!("{} is not a release envelope", args.release.display()))?;
+    let c = args.conn.client();
+    let artifact = match &args.artifact {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    let req = SubmitRequest {
+        envelope,
+        start_at: args.start_at,
+        activate_at: args.activate_at,
+    };
+    let (up, resp) = block_on(async {
+        let up = match artifact {
+            Some(a) => Some(c.upload_artifact(a).await?),
+            None => None,
+        };
+        let resp = c.submit(&req).await?;
+        Ok::<_, ringcast_controller::client::ClientError>((up, resp))
+    })??;
+    if json {
+        return print_json(
+            &serde_json::json!({ "artifact": up, "release": resp.release, "rollout": resp.rollout }),
+        );
+    }
+    if let Some(u) = up {
+        println!(
+            "artifact {} ({} bytes) stored at {}",
+            u.sha256, u.size, u.url
+        );
+    }
+    println!(
+        "release {} submitted; rollout {} is {}",
+        resp.release.id, resp.rollout.id, resp.rollout.phase
+    );
+    Ok(())
+}

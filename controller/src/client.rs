@@ -1,0 +1,181 @@
+//! The HTTP client the command line uses (`ringcast release submit`, `rollout …`,
+//! `devices …`, `audit verify`).
+
+use crate::api::{
+    DeviceView, ErrorBody, ReleaseView, RolloutView, SubmitRequest, SubmitResponse, UploadResponse,
+};
+use crate::audit::RawLog;
+use serde::de::DeserializeOwned;
+
+/// Client errors, with the server's stable code when it sent one.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Transport failure.
+    #[error("cannot reach {url}: {detail}")]
+    Unreachable {
+        /// URL.
+        url: String,
+        /// Cause.
+        detail: String,
+    },
+    /// The server refused.
+    #[error("{code}: {detail} (HTTP {status})")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Stable code.
+        code: String,
+        /// Detail.
+        detail: String,
+    },
+}
+
+/// A controller API client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client for `base` (e.g. `http://127.0.0.1:8480`).
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        r
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let resp = rb.send().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            detail: e.to_string(),
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            detail: e.to_string(),
+        })?;
+        if !status.is_success() {
+            let (code, detail) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => (b.error, b.detail),
+                Err(_) => (
+                    "http_error".into(),
+                    String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                ),
+            };
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                code,
+                detail,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Api {
+            status: status.as_u16(),
+            code: "bad_response".into(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Upload an artifact.
+    pub async fn upload_artifact(&self, bytes: Vec<u8>) -> Result<UploadResponse, ClientError> {
+        self.send(
+            self.req(reqwest::Method::PUT, "/api/v1/artifacts")
+                .body(bytes),
+        )
+        .await
+    }
+
+    /// Submit a release.
+    pub async fn submit(&self, req: &SubmitRequest) -> Result<SubmitResponse, ClientError> {
+        self.send(
+            self.req(reqwest::Method::POST, "/api/v1/releases")
+                .json(req),
+        )
+        .await
+    }
+
+    /// List releases.
+    pub async fn releases(&self) -> Result<Vec<ReleaseView>, ClientError> {
+        self.send(self.req(reqwest::Method::GET, "/api/v1/releases"))
+            .await
+    }
+
+    /// List rollouts.
+    pub async fn rollouts(&self) -> Result<Vec<RolloutView>, ClientError> {
+        self.send(self.req(reqwest::Method::GET, "/api/v1/rollouts"))
+            .await
+    }
+
+    /// Show one rollout.
+    pub async fn rollout(&self, id: &str) -> Result<RolloutView, ClientError> {
+        self.send(self.req(reqwest::Method::GET, &format!("/api/v1/rollouts/{id}")))
+            .await
+    }
+
+    /// approve / pause / resume / abort.
+    pub async fn act(
+        &self,
+        id: &str,
+        action: &str,
+        ring: Option<&str>,
+    ) -> Result<RolloutView, ClientError> {
+        let body = serde_json::json!({ "ring": ring });
+        self.send(
+            self.req(
+                reqwest::Method::POST,
+                &format!("/api/v1/rollouts/{id}/{action}"),
+            )
+            .json(&body),
+        )
+        .await
+    }
+
+    /// List devices with filters.
+    pub async fn devices(
+        &self,
+        ring: Option<&str>,
+        phase: Option<&str>,
+        rollout: Option<&str>,
+    ) -> Result<Vec<DeviceView>, ClientError> {
+        let mut q = Vec::new();
+        for (k, v) in [("ring", ring), ("phase", phase), ("rollout", rollout)] {
+            if let Some(v) = v {
+                q.push((k, v));
+            }
+        }
+        self.send(self.req(reqwest::Method::GET, "/api/v1/devices").query(&q))
+            .await
+    }
+
+    /// Show one device.
+    pub async fn device(&self, id: &str) -> Result<DeviceView, ClientError> {
+        self.send(self.req(reqwest::Method::GET, &format!("/api/v1/devices/{id}")))
+            .await
+    }
+
+    /// Delivery insight.
+    pub async fn insight(&self) -> Result<crate::engine::insight::Summary, ClientError> {
+        self.send(self.req(reqwest::Method::GET, "/api/v1/insight"))
+            .await
+    }
+
+    /// The raw audit log.
+    pub async fn audit(&self) -> Result<RawLog, ClientError> {
+        self.send(self.req(reqwest::Method::GET, "/api/v1/audit"))
+            .await
+    }
+}

@@ -1,0 +1,351 @@
+//! A fleet of real agents in one process: each device is the real agent library with its own
+//! MQTT connection, its own data directory and installer root, and its own store (sled, or in
+//! memory for load runs). `ringcast demo`, the `ringcast-sim` binary and the end-to-end
+//! scenarios all run devices this way.
+
+use super::kit::FAIL_MARKER;
+use super::{DemoError, Result};
+use ringcast_agent::config::AgentConfig;
+use ringcast_agent::{Agent, AgentHandle, Deps, FsInstaller, MemoryStore, SledStore, Store};
+use ringcast_proto::{Clock, Dur, StateReport};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Where each agent keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreKind {
+    /// sled in `{data_dir}/db` (what a device runs; survives a restart).
+    #[default]
+    Sled,
+    /// In memory (load runs: no disk per agent; lost on restart).
+    Memory,
+}
+
+/// A last touch on each device's configuration (TLS files, timings).
+pub type Customize = Arc<dyn Fn(&mut AgentConfig) + Send + Sync>;
+
+/// A fleet to simulate.
+#[derive(Clone)]
+pub struct FleetSpec {
+    /// Fleet name.
+    pub fleet: String,
+    /// Device class of every device.
+    pub device_class: String,
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub broker_url: String,
+    /// The trust root file every device ships with.
+    pub trust_root: PathBuf,
+    /// Base joined to relative artifact URLs (the controller's HTTP address).
+    pub artifact_base_url: Option<String>,
+    /// Parent of the devices' data directories (`{dir}/{device}`).
+    pub dir: PathBuf,
+    /// Rings and how many devices each has, in order.
+    pub rings: Vec<(String, usize)>,
+    /// Share of devices (0.0–1.0, per ring, rounded) whose health checks fail.
+    pub fail_rate: f64,
+    /// Store for each agent.
+    pub store: StoreKind,
+    /// Time for every agent (share the controller's `FakeClock` in tests).
+    pub clock: Arc<dyn Clock>,
+    /// Last touch on each device's config (TLS files, timings), given the device id.
+    pub customize: Option<Customize>,
+}
+
+impl std::fmt::Debug for FleetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetSpec")
+            .field("fleet", &self.fleet)
+            .field("broker_url", &self.broker_url)
+            .field("rings", &self.rings)
+            .field("fail_rate", &self.fail_rate)
+            .field("store", &self.store)
+            .finish()
+    }
+}
+
+/// Split `n` devices over `rings` by `shares` (each ring gets at least one device; the last
+/// ring takes the rest).
+pub fn split(n: usize, rings: &[(&str, f64)]) -> Result<Vec<(String, usize)>> {
+    if n < rings.len() {
+        return Err(DemoError::Setup(format!(
+            "{n} devices cannot fill {} rings",
+            rings.len()
+        )));
+    }
+    let mut out = Vec::new();
+    let mut left = n;
+    for (i, (name, share)) in rings.iter().enumerate() {
+        let rings_after = rings.len() - i - 1;
+        let count = if rings_after == 0 {
+            left
+        } else {
+            ((n as f64 * share).round() as usize).clamp(1, left - rings_after)
+        };
+        left -= count;
+        out.push(((*name).to_owned(), count));
+    }
+    Ok(out)
+}
+
+/// The id of device `i` of `ring`.
+pub fn device_id(ring: &str, i: usize) -> String {
+    format!("{ring}-{i:03}")
+}
+
+/// One simulated device.
+#[derive(Debug)]
+pub struct SimDevice {
+    /// Device id.
+    pub id: String,
+    /// Ring.
+    pub ring: String,
+    /// Whether its health checks are made to fail.
+    pub failing: bool,
+    /// Its configuration.
+    pub cfg: AgentConfig,
+    store: Arc<dyn Store>,
+    handle: Option<AgentHandle>,
+    last: StateReport,
+}
+
+impl SimDevice {
+    /// Whether its agent is running.
+    pub fn is_running(&self) -> bool {
+        self.handle.is_some()
+    }
+
+    /// The latest state report (the last one seen while it ran, if stopped).
+    pub fn status(&self) -> StateReport {
+        match &self.handle {
+            Some(h) => h.status(),
+            None => self.last.clone(),
+        }
+    }
+
+    /// A receiver of its state reports (while running).
+    pub fn watch(&self) -> Option<watch::Receiver<StateReport>> {
+        self.handle.as_ref().map(AgentHandle::watch)
+    }
+
+    /// The `VERSION` of the release its `current` link points at.
+    pub fn current_version(&self) -> Option<String> {
+        std::fs::read_to_string(self.cfg.install_root().join("current").join("VERSION"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    }
+}
+
+/// A running fleet.
+#[derive(Debug)]
+pub struct Fleet {
+    spec: FleetSpec,
+    devices: Vec<SimDevice>,
+}
+
+fn open_store(kind: StoreKind, cfg: &AgentConfig) -> Result<Arc<dyn Store>> {
+    Ok(match kind {
+        StoreKind::Sled => Arc::new(SledStore::open(&cfg.data_dir.join("db"))?),
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+    })
+}
+
+impl Fleet {
+    /// Build every device's config and store, and start every agent (connections are made
+    /// by the agents themselves, concurrently).
+    pub async fn start(spec: FleetSpec) -> Result<Fleet> {
+        let mut devices = Vec::new();
+        for (ring, count) in &spec.rings {
+            let failing = (*count as f64 * spec.fail_rate.clamp(0.0, 1.0)).round() as usize;
+            for i in 0..*count {
+                let id = device_id(ring, i);
+                let cfg = device_config(&spec, &id, ring);
+                std::fs::create_dir_all(cfg.install_root())
+                    .map_err(|e| DemoError::io(&cfg.install_root(), e))?;
+                // Spread the failing devices over the ring (every k-th), so a ramp step of
+                // any size meets some of them.
+                let fails = failing > 0 && (i * failing) % count < failing;
+                let marker = cfg.install_root().join(FAIL_MARKER);
+                if fails {
+                    std::fs::write(&marker, b"simulated fault\n")
+                        .map_err(|e| DemoError::io(&marker, e))?;
+                }
+                let store = open_store(spec.store, &cfg)?;
+                let mut d = SimDevice {
+                    id,
+                    ring: ring.clone(),
+                    failing: fails,
+                    last: placeholder(&cfg),
+                    cfg,
+                    store,
+                    handle: None,
+                };
+                spawn(&spec, &mut d)?;
+                devices.push(d);
+            }
+        }
+        Ok(Fleet { spec, devices })
+    }
+
+    /// A fleet of no devices (a placeholder to move a real one out of a struct).
+    pub fn empty() -> Fleet {
+        Fleet {
+            spec: FleetSpec {
+                fleet: String::new(),
+                device_class: String::new(),
+                broker_url: String::new(),
+                trust_root: PathBuf::new(),
+                artifact_base_url: None,
+                dir: PathBuf::new(),
+                rings: Vec::new(),
+                fail_rate: 0.0,
+                store: StoreKind::Memory,
+                clock: Arc::new(ringcast_proto::SystemClock),
+                customize: None,
+            },
+            devices: Vec::new(),
+        }
+    }
+
+    /// The devices.
+    pub fn devices(&self) -> &[SimDevice] {
+        &self.devices
+    }
+
+    /// A device by id.
+    pub fn device(&self, id: &str) -> Option<&SimDevice> {
+        self.devices.iter().find(|d| d.id == id)
+    }
+
+    /// Every device's latest state report.
+    pub fn statuses(&self) -> Vec<StateReport> {
+        self.devices.iter().map(SimDevice::status).collect()
+    }
+
+    /// Stop one device's agent gracefully (as on SIGTERM); its store and files stay.
+    pub async fn stop(&mut self, id: &str) -> Result<()> {
+        let d = self
+            .devices
+            .iter_mut()
+            .find(|d| d.id == id)
+            .ok_or_else(|| DemoError::Setup(format!("no device {id}")))?;
+        if let Some(h) = d.handle.take() {
+            d.last = h.status();
+            h.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    /// Start a stopped device again on the same store and files.
+    pub fn restart(&mut self, id: &str) -> Result<()> {
+        let spec = self.spec.clone();
+        let d = self
+            .devices
+            .iter_mut()
+            .find(|d| d.id == id)
+            .ok_or_else(|| DemoError::Setup(format!("no device {id}")))?;
+        if d.handle.is_none() {
+            spawn(&spec, d)?;
+        }
+        Ok(())
+    }
+
+    /// Stop every agent (bounded: an agent that does not stop within `timeout` is left to
+    /// the runtime's shutdown).
+    pub async fn shutdown(mut self, timeout: Duration) {
+        let handles: Vec<AgentHandle> = self
+            .devices
+            .iter_mut()
+            .filter_map(|d| d.handle.take())
+            .collect();
+        let all = async {
+            for h in handles {
+                let _ = h.shutdown().await;
+            }
+        };
+        let _ = tokio::time::timeout(timeout, all).await;
+    }
+}
+
+fn spawn(spec: &FleetSpec, d: &mut SimDevice) -> Result<()> {
+    let deps = Deps {
+        store: d.store.clone(),
+        clock: spec.clock.clone(),
+        installer: Arc::new(FsInstaller::new(
+            d.cfg.install_root(),
+            d.cfg.install.command_timeout.get(),
+            d.cfg.health.output_tail,
+        )),
+    };
+    let agent = Agent::new(d.cfg.clone(), deps)?;
+    d.handle = Some(agent.spawn());
+    Ok(())
+}
+
+fn placeholder(cfg: &AgentConfig) -> StateReport {
+    StateReport {
+        device: cfg.device_id.clone(),
+        ring: cfg.ring.clone(),
+        device_class: cfg.device_class.clone(),
+        agent_version: String::new(),
+        current: None,
+        previous: None,
+        target: None,
+        phase: ringcast_proto::Phase::Idle,
+        rollout_id: None,
+        last_error: None,
+        windows: Vec::new(),
+        timezone: cfg.timezone.clone(),
+        updated_at: jiff::Timestamp::UNIX_EPOCH,
+    }
+}
+
+/// The configuration the fleet gives device `id` of `ring`: fast reconnects and retries
+/// (everything is local), then the spec's `customize`.
+pub fn device_config(spec: &FleetSpec, id: &str, ring: &str) -> AgentConfig {
+    let data: &Path = &spec.dir.join(id);
+    let mut cfg = AgentConfig::minimal(
+        id,
+        &spec.device_class,
+        &spec.fleet,
+        ring,
+        &spec.broker_url,
+        data,
+        &spec.trust_root,
+    );
+    cfg.artifact_base_url = spec.artifact_base_url.clone();
+    cfg.broker.reconnect_min = Dur(Duration::from_millis(100));
+    cfg.broker.reconnect_max = Dur(Duration::from_secs(1));
+    cfg.broker.keep_alive = Dur(Duration::from_secs(10));
+    cfg.download.retry_initial = Dur(Duration::from_millis(200));
+    cfg.download.retry_max = Dur(Duration::from_secs(2));
+    cfg.download.connect_timeout = Dur(Duration::from_secs(5));
+    cfg.download.stall_timeout = Dur(Duration::from_secs(10));
+    cfg.install.command_timeout = Dur(Duration::from_secs(30));
+    if let Some(f) = &spec.customize {
+        f(&mut cfg);
+    }
+    cfg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_gives_every_ring_a_device_and_the_rest_to_the_last() {
+        let s = split(50, &[("canary", 0.1), ("early", 0.3), ("broad", 0.6)]).unwrap();
+        assert_eq!(
+            s,
+            vec![
+                ("canary".to_owned(), 5),
+                ("early".to_owned(), 15),
+                ("broad".to_owned(), 30)
+            ]
+        );
+        let s = split(3, &[("canary", 0.1), ("early", 0.3), ("broad", 0.6)]).unwrap();
+        assert!(s.iter().all(|(_, n)| *n == 1), "{s:?}");
+        assert!(split(2, &[("a", 0.5), ("b", 0.3), ("c", 0.2)]).is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! `ringcast demo` and the pieces the fleet simulator and the end-to-end scenarios share.
+//!
+//! - [`kit`]: fresh keys and a trust root written as files, a tiny "app" bundle (tar.gz with
+//!   a `health.sh`) and its release manifest.
+//! - [`fleet`]: N real agents (the `ringcast-agent` library) in one process, each with its
+//!   own MQTT connection, data directory, installer root and store; a chosen share of them
+//!   made to fail their health check.
+//! - [`show`]: the demo itself — embedded broker, controller, fleet; v1, v2 and a broken v3;
+//!   progress per ring; a summary that is checked, not just printed.
+
+pub mod fleet;
+pub mod kit;
+pub mod show;
+
+use std::path::{Path, PathBuf};
+
+/// Errors of the demo and the simulator, with stable reason codes.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Something could not be prepared (keys, bundles, directories).
+    #[error("setup: {0}")]
+    Setup(String),
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// An agent could not be built or stopped.
+    #[error("agent: {0}")]
+    Agent(#[from] ringcast_agent::Error),
+    /// The controller failed.
+    #[error("controller: {0}")]
+    Controller(#[from] crate::Error),
+    /// The controller's API refused or was unreachable.
+    #[error("api: {0}")]
+    Api(#[from] crate::client::ClientError),
+    /// Something did not happen in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// Ctrl-C.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl DemoError {
+    /// An I/O error on `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> DemoError {
+        DemoError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// Stable `snake_case` reason code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DemoError::Setup(_) => "setup_failed",
+            DemoError::Io { .. } => "io_error",
+            DemoError::Agent(_) => "agent_error",
+            DemoError::Controller(_) => "controller_error",
+            DemoError::Api(_) => "api_error",
+            DemoError::Timeout(_) => "timeout",
+            DemoError::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, DemoError>;

@@ -1,0 +1,1553 @@
+//! The rollout engine: one actor task that owns every rollout's state machine, decides
+//! against `clock.now()` on a short real-time tick (and at once when a report arrives), signs
+//! and publishes ring directives, and records every decision in the audit log.
+//!
+//! Transitions are `match (state, facts)` in [`Engine::advance`]; each new state is persisted
+//! (and flushed) before its directive is published, so a controller killed at any point
+//! resumes from what sled holds and republishes what should stand.
+
+use crate::audit::Record;
+use crate::checks;
+use crate::config::{OnFailure, Promotion, RingPolicy};
+use crate::error::{Error, Result};
+use crate::model::{
+    Approval, DeviceRecord, ReleaseRecord, RingDirective, Rollout, RolloutState, Stage, StepRecord,
+    Tally,
+};
+use crate::shared::Shared;
+use jiff::{SignedDuration, Timestamp};
+use ringcast_proto::{directive, in_ramp, Action, Activation, Directive, Envelope, Percent, Phase};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, info_span, warn};
+
+pub mod insight;
+
+/// Who asks (from the API token).
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// Token name.
+    pub name: String,
+    /// Role name.
+    pub role: String,
+}
+
+impl Actor {
+    fn record(
+        &self,
+        action: &str,
+        rollout: Option<&str>,
+        ring: Option<&str>,
+        detail: String,
+    ) -> Record {
+        Record {
+            actor: self.name.clone(),
+            role: Some(self.role.clone()),
+            action: action.into(),
+            outcome: "ok".into(),
+            rollout_id: rollout.map(str::to_owned),
+            ring: ring.map(str::to_owned),
+            detail,
+        }
+    }
+}
+
+/// A release submission.
+#[derive(Debug, Clone)]
+pub struct Submit {
+    /// The signed release.
+    pub envelope: Envelope,
+    /// Start the rollout at this time (default: now).
+    pub start_at: Option<Timestamp>,
+    /// Store-scheduled activation.
+    pub activate_at: Option<Timestamp>,
+}
+
+/// Operator actions on a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutAction {
+    /// Approve the ring it waits for (or the named ring).
+    Approve,
+    /// Stop making progress.
+    Pause,
+    /// Continue.
+    Resume,
+    /// Stop for good; rings it reached get `hold`.
+    Abort,
+}
+
+impl RolloutAction {
+    /// Name for the audit log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutAction::Approve => "approve",
+            RolloutAction::Pause => "pause",
+            RolloutAction::Resume => "resume",
+            RolloutAction::Abort => "abort",
+        }
+    }
+}
+
+/// Requests to the engine actor.
+#[derive(Debug)]
+pub enum Command {
+    /// Submit a release and create its rollout.
+    Submit {
+        /// What.
+        submit: Submit,
+        /// Who.
+        actor: Actor,
+        /// Reply.
+        reply: oneshot::Sender<Result<(ReleaseRecord, Rollout)>>,
+    },
+    /// Approve, pause, resume, abort.
+    Act {
+        /// Rollout id.
+        rollout: String,
+        /// Action.
+        action: RolloutAction,
+        /// Ring (approve only).
+        ring: Option<String>,
+        /// Who.
+        actor: Actor,
+        /// Reply.
+        reply: oneshot::Sender<Result<Rollout>>,
+    },
+    /// Unblock a halted release.
+    Unblock {
+        /// Release id.
+        release: String,
+        /// Who.
+        actor: Actor,
+        /// Reply.
+        reply: oneshot::Sender<Result<ReleaseRecord>>,
+    },
+    /// Acceptance checks finished.
+    ChecksDone {
+        /// Rollout id.
+        rollout: String,
+        /// Ring name.
+        ring: String,
+        /// Outcome.
+        outcome: std::result::Result<(), String>,
+    },
+    /// The MQTT connection was (re)established: republish what should stand.
+    Reconnected,
+}
+
+/// The cloneable handle the API uses.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Submit a release.
+    pub async fn submit(&self, submit: Submit, actor: Actor) -> Result<(ReleaseRecord, Rollout)> {
+        self.call(|reply| Command::Submit {
+            submit,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// Act on a rollout.
+    pub async fn act(
+        &self,
+        rollout: String,
+        action: RolloutAction,
+        ring: Option<String>,
+        actor: Actor,
+    ) -> Result<Rollout> {
+        self.call(|reply| Command::Act {
+            rollout,
+            action,
+            ring,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// Unblock a release.
+    pub async fn unblock(&self, release: String, actor: Actor) -> Result<ReleaseRecord> {
+        self.call(|reply| Command::Unblock {
+            release,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// Tell the engine the broker connection is fresh.
+    pub fn reconnected(&self) {
+        let _ = self.tx.try_send(Command::Reconnected);
+    }
+}
+
+/// What the engine owns; readers (API, metrics) see it through `Shared::state`.
+#[derive(Debug, Default, Clone)]
+pub struct EngineState {
+    /// Releases by id.
+    pub releases: BTreeMap<String, ReleaseRecord>,
+    /// Rollouts by id.
+    pub rollouts: BTreeMap<String, Rollout>,
+    /// Standing ring directives by ring name.
+    pub rings: BTreeMap<String, RingDirective>,
+    /// Last completed release id per release name (rollback target).
+    pub last_good: BTreeMap<String, String>,
+}
+
+/// A message to publish after the state that caused it is persisted.
+#[derive(Debug)]
+struct Publish {
+    topic: String,
+    payload: Vec<u8>,
+}
+
+/// The actor.
+pub struct Engine {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Command>,
+    tx: mpsc::Sender<Command>,
+    outbox: Vec<Publish>,
+    dirty: bool,
+}
+
+/// Create the engine and its handle (the task is started with [`Engine::run`]).
+pub fn engine(shared: Arc<Shared>) -> (Engine, EngineHandle) {
+    let (tx, rx) = mpsc::channel(256);
+    (
+        Engine {
+            shared,
+            rx,
+            tx: tx.clone(),
+            outbox: Vec::new(),
+            dirty: false,
+        },
+        EngineHandle { tx },
+    )
+}
+
+/// Compute one ring's tally for a rollout.
+pub fn tally(
+    devices: &HashMap<String, DeviceRecord>,
+    rollout: &Rollout,
+    ring: &str,
+    percent: Percent,
+    now: Timestamp,
+    unresponsive_after: SignedDuration,
+) -> Tally {
+    let mut t = Tally::default();
+    for d in devices.values() {
+        let Some(r) = &d.report else { continue };
+        if r.ring != ring {
+            continue;
+        }
+        t.devices += 1;
+        if in_ramp(&rollout.id, &d.id, percent) {
+            t.in_ramp += 1;
+        }
+        if r.rollout_id.as_deref() != Some(rollout.id.as_str()) {
+            continue;
+        }
+        t.reported += 1;
+        let ours = |rr: &Option<ringcast_proto::ReleaseRef>| {
+            rr.as_ref().is_none_or(|x| {
+                x.name == rollout.release_name && x.sequence == rollout.release_sequence
+            })
+        };
+        if r.phase == Phase::Committed && ours(&r.current) {
+            t.committed += 1;
+        } else if r.phase.is_failure() && ours(&r.target) {
+            t.failed += 1;
+        } else if now.duration_since(d.last_seen) > unresponsive_after {
+            t.unresponsive += 1;
+        } else {
+            t.pending += 1;
+        }
+    }
+    t
+}
+
+/// Whether the failures seen already exceed what the gate tolerates (DESIGN.md: "Failure rate
+/// over `max_failure_rate` with at least `min_reports` reports halts the rollout at once").
+/// The denominator is the larger of devices that reported and devices known to be in the
+/// ramp, so a halt never waits for devices that cannot change the verdict.
+pub fn gate_crossed(t: &Tally, ring: &RingPolicy) -> bool {
+    let denom = t.reported.max(t.in_ramp);
+    t.failed > 0
+        && denom >= ring.gate.min_reports.max(1)
+        && t.failure_rate() > ring.gate.max_failure_rate
+}
+
+/// Whether a baked step has enough success to promote. Intermediate steps need
+/// `min(min_reports, devices in the ramp)` commits; the ring's last step needs `min_reports`.
+pub fn gate_passes(t: &Tally, ring: &RingPolicy, last_step: bool) -> bool {
+    let need = if last_step {
+        ring.gate.min_reports
+    } else {
+        ring.gate.min_reports.min(t.in_ramp)
+    };
+    t.committed >= need && t.failure_rate() <= ring.gate.max_failure_rate
+}
+
+enum Next {
+    Stay,
+    Go(RolloutState),
+}
+
+impl Engine {
+    fn now(&self) -> Timestamp {
+        self.shared.clock.now()
+    }
+
+    fn state(&self) -> std::sync::RwLockWriteGuard<'_, EngineState> {
+        self.shared.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn audit(&self, r: Record) {
+        if let Err(e) = self.shared.audit.append(self.now(), r) {
+            warn!(error = %e, "audit append failed");
+        }
+    }
+
+    /// Run until `shutdown` flips.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let tick = self.shared.policy.tick.get();
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.reconcile_policy();
+        // Whatever stood before a restart stands again, freshly signed.
+        self.republish_all();
+        self.flush_and_publish().await;
+        // Reports wake the engine at once, but a burst of them (a whole fleet reporting)
+        // is evaluated at most every WAKE_GAP: well inside the one-second halt promise, and
+        // the tallies walk the device table only ~20 times a second.
+        const WAKE_GAP: std::time::Duration = std::time::Duration::from_millis(50);
+        let mut last_eval = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                _ = self.shared.wake.notified() => {
+                    tokio::time::sleep_until(last_eval + WAKE_GAP).await;
+                }
+                _ = interval.tick() => {}
+            }
+            last_eval = tokio::time::Instant::now();
+            self.evaluate();
+            self.flush_and_publish().await;
+        }
+        let _ = self.shared.store.flush().await;
+    }
+
+    /// A restart with an edited policy may leave a rollout on a ring or step that no longer
+    /// exists: stop it (nothing is promoted on a guess) and say why.
+    fn reconcile_policy(&mut self) {
+        let now = self.now();
+        let policy = self.shared.policy.clone();
+        let mut stopped = Vec::new();
+        {
+            let mut st = self.state();
+            for r in st.rollouts.values_mut() {
+                if let RolloutState::Active { ring, step, .. } = r.state {
+                    let fits = policy
+                        .rings
+                        .get(ring)
+                        .is_some_and(|rp| step < rp.steps.len());
+                    if !fits {
+                        let reason =
+                            format!("policy changed: ring {ring} step {step} no longer exists");
+                        r.state = RolloutState::Halted {
+                            reason: reason.clone(),
+                        };
+                        r.ended_at = Some(now);
+                        stopped.push((r.id.clone(), reason));
+                    }
+                }
+            }
+        }
+        for (id, reason) in stopped {
+            warn!(rollout_id = %id, %reason, "rollout stopped at start-up");
+            self.dirty = true;
+            self.audit(Record::auto("halt", &id, None, reason));
+        }
+    }
+
+    /// Persist dirty state (flushed: decisions must survive a crash), then publish.
+    async fn flush_and_publish(&mut self) {
+        if self.dirty {
+            if let Err(e) = self.persist_all() {
+                warn!(error = %e, "persisting engine state failed; not publishing");
+                return;
+            }
+            if let Err(e) = self.shared.store.flush().await {
+                warn!(error = %e, "flushing engine state failed; not publishing");
+                return;
+            }
+            self.dirty = false;
+        }
+        for p in self.outbox.drain(..) {
+            if let Err(e) = self
+                .shared
+                .mqtt
+                .publish(p.topic.clone(), rumqttc::QoS::AtLeastOnce, true, p.payload)
+                .await
+            {
+                warn!(topic = %p.topic, error = %e, "publish failed");
+            }
+        }
+    }
+
+    fn persist_all(&self) -> Result<()> {
+        let st = self.shared.state.read().unwrap_or_else(|p| p.into_inner());
+        for r in st.releases.values() {
+            self.shared.store.put_release(r)?;
+        }
+        for r in st.rollouts.values() {
+            self.shared.store.put_rollout(r)?;
+        }
+        for r in st.rings.values() {
+            self.shared.store.put_ring(r)?;
+        }
+        self.shared.store.set_meta("last_good", &st.last_good)?;
+        Ok(())
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit {
+                submit,
+                actor,
+                reply,
+            } => {
+                let r = self.submit(submit, &actor);
+                let _ = reply.send(r);
+            }
+            Command::Act {
+                rollout,
+                action,
+                ring,
+                actor,
+                reply,
+            } => {
+                let r = self.act(&rollout, action, ring, &actor);
+                let _ = reply.send(r);
+            }
+            Command::Unblock {
+                release,
+                actor,
+                reply,
+            } => {
+                let r = self.unblock(&release, &actor);
+                let _ = reply.send(r);
+            }
+            Command::ChecksDone {
+                rollout,
+                ring,
+                outcome,
+            } => self.checks_done(&rollout, &ring, outcome),
+            Command::Reconnected => self.republish_all(),
+        }
+    }
+
+    fn submit(&mut self, s: Submit, actor: &Actor) -> Result<(ReleaseRecord, Rollout)> {
+        let now = self.now();
+        let skew = self.shared.policy.allowed_skew.signed();
+        let release = ringcast_proto::verify_release(&self.shared.trust, &s.envelope, now, skew)?;
+        let compat_note = release.compatible.join(",");
+        let id = format!("{}-{}", release.name, release.sequence);
+        let mut st = self.state();
+        if let Some(existing) = st.releases.get(&id) {
+            if existing.envelope != s.envelope {
+                return Err(Error::conflict(
+                    "sequence_reused",
+                    format!("release {id} was already submitted with different content"),
+                ));
+            }
+            if existing.blocked.is_some() {
+                return Err(Error::conflict(
+                    "release_blocked",
+                    format!("release {id} was halted; unblock it first"),
+                ));
+            }
+            if st
+                .rollouts
+                .values()
+                .any(|r| r.release_id == id && r.state.is_live())
+            {
+                return Err(Error::conflict(
+                    "already_rolling_out",
+                    format!("release {id} already has a live rollout"),
+                ));
+            }
+        } else if let Some(newer) = st
+            .releases
+            .values()
+            .filter(|r| r.release.name == release.name)
+            .map(|r| r.release.sequence)
+            .max()
+            .filter(|&max| max >= release.sequence)
+        {
+            return Err(Error::conflict(
+                "sequence_not_increasing",
+                format!(
+                    "release {} has sequence {}, not above {newer} already submitted",
+                    release.name, release.sequence
+                ),
+            ));
+        }
+        // An artifact the controller serves must be in the store before devices are sent there.
+        if let Some(hex) = release.artifact.url.strip_prefix("/artifacts/sha256/") {
+            if hex != release.artifact.sha256
+                || !self.shared.artifacts.has(hex, release.artifact.size)
+            {
+                return Err(Error::conflict(
+                    "artifact_missing",
+                    format!(
+                        "artifact {} ({} bytes) is not in the store; upload it first",
+                        release.artifact.sha256, release.artifact.size
+                    ),
+                ));
+            }
+        }
+        let rec = ReleaseRecord {
+            id: id.clone(),
+            release: release.clone(),
+            envelope: s.envelope,
+            submitted_at: now,
+            submitted_by: actor.name.clone(),
+            blocked: None,
+        };
+        let mut rollout_id = id.clone();
+        let mut n = 2;
+        while st.rollouts.contains_key(&rollout_id) {
+            rollout_id = format!("{id}-{n}");
+            n += 1;
+        }
+        let live_same_name: Vec<String> = st
+            .rollouts
+            .values()
+            .filter(|r| r.release_name == release.name && r.state.is_live())
+            .map(|r| r.id.clone())
+            .collect();
+        let all_auto = self.shared.policy.all_auto();
+        let state = if live_same_name.is_empty() || all_auto {
+            RolloutState::Pending
+        } else {
+            RolloutState::Queued
+        };
+        let rollout = Rollout {
+            id: rollout_id.clone(),
+            release_id: id.clone(),
+            release_name: release.name.clone(),
+            release_sequence: release.sequence,
+            created_at: now,
+            start_at: s.start_at,
+            activate_at: s.activate_at,
+            state,
+            paused: false,
+            approvals: BTreeMap::new(),
+            rings_reached: Vec::new(),
+            history: Vec::new(),
+            ended_at: None,
+            insight: Default::default(),
+        };
+        let mut superseded = Vec::new();
+        if all_auto {
+            for old in &live_same_name {
+                if let Some(o) = st.rollouts.get_mut(old) {
+                    o.state = RolloutState::Superseded {
+                        by: rollout_id.clone(),
+                    };
+                    o.ended_at = Some(now);
+                    superseded.push(old.clone());
+                }
+            }
+        }
+        st.releases.insert(id.clone(), rec.clone());
+        st.rollouts.insert(rollout_id.clone(), rollout.clone());
+        drop(st);
+        self.dirty = true;
+        self.audit(actor.record(
+            "release_submit",
+            Some(&rollout_id),
+            None,
+            format!(
+                "release {id} (version {}, for {compat_note}); rollout {}",
+                release.version,
+                rollout.state.phase()
+            ),
+        ));
+        for old in superseded {
+            self.audit(Record::auto(
+                "supersede",
+                &old,
+                None,
+                format!("superseded by {rollout_id}"),
+            ));
+        }
+        info!(rollout_id = %rollout_id, release = %id, "release submitted");
+        Ok((rec, rollout))
+    }
+
+    fn act(
+        &mut self,
+        id: &str,
+        action: RolloutAction,
+        ring: Option<String>,
+        actor: &Actor,
+    ) -> Result<Rollout> {
+        let now = self.now();
+        let policy = self.shared.policy.clone();
+        let mut st = self.state();
+        let r = st.rollouts.get_mut(id).ok_or_else(|| Error::NotFound {
+            what: "rollout",
+            id: id.into(),
+        })?;
+        if !r.state.is_live() {
+            return Err(Error::conflict(
+                "rollout_finished",
+                format!("rollout {id} is {}", r.state.phase()),
+            ));
+        }
+        let mut ring_name = None;
+        match action {
+            RolloutAction::Approve => {
+                let name = match ring {
+                    Some(n) => n,
+                    None => match &r.state {
+                        RolloutState::Active {
+                            ring,
+                            stage: Stage::WaitingApproval,
+                            ..
+                        } => policy.rings[*ring].name.clone(),
+                        _ => {
+                            return Err(Error::conflict(
+                                "not_waiting_approval",
+                                format!(
+                                    "rollout {id} is {}; name a ring to approve ahead",
+                                    r.state.phase()
+                                ),
+                            ))
+                        }
+                    },
+                };
+                let idx = policy.ring_index(&name).ok_or_else(|| Error::NotFound {
+                    what: "ring",
+                    id: name.clone(),
+                })?;
+                if policy.rings[idx].promotion != Promotion::Manual {
+                    return Err(Error::conflict(
+                        "not_manual",
+                        format!("ring {name} promotes automatically"),
+                    ));
+                }
+                if r.approvals.contains_key(&name) {
+                    return Err(Error::conflict(
+                        "already_approved",
+                        format!("ring {name} is already approved"),
+                    ));
+                }
+                r.approvals.insert(
+                    name.clone(),
+                    Approval {
+                        by: actor.name.clone(),
+                        at: now,
+                    },
+                );
+                ring_name = Some(name);
+            }
+            RolloutAction::Pause => {
+                if r.paused {
+                    return Err(Error::conflict(
+                        "already_paused",
+                        format!("rollout {id} is paused"),
+                    ));
+                }
+                r.paused = true;
+            }
+            RolloutAction::Resume => {
+                if !r.paused {
+                    return Err(Error::conflict(
+                        "not_paused",
+                        format!("rollout {id} is not paused"),
+                    ));
+                }
+                r.paused = false;
+            }
+            RolloutAction::Abort => {
+                r.state = RolloutState::Aborted;
+                r.ended_at = Some(now);
+            }
+        }
+        let out = r.clone();
+        drop(st);
+        if action == RolloutAction::Abort {
+            self.stop_rings(&out, "aborted");
+        }
+        self.dirty = true;
+        self.audit(actor.record(
+            action.as_str(),
+            Some(id),
+            ring_name.as_deref(),
+            String::new(),
+        ));
+        Ok(out)
+    }
+
+    fn unblock(&mut self, id: &str, actor: &Actor) -> Result<ReleaseRecord> {
+        let mut st = self.state();
+        let r = st.releases.get_mut(id).ok_or_else(|| Error::NotFound {
+            what: "release",
+            id: id.into(),
+        })?;
+        if r.blocked.take().is_none() {
+            return Err(Error::conflict(
+                "not_blocked",
+                format!("release {id} is not blocked"),
+            ));
+        }
+        let out = r.clone();
+        drop(st);
+        self.dirty = true;
+        self.audit(actor.record("unblock", None, None, format!("release {id}")));
+        Ok(out)
+    }
+
+    /// Sign a ring directive at `now` and queue it.
+    fn sign_ring(
+        &mut self,
+        spec: &mut RingDirective,
+        releases: &BTreeMap<String, ReleaseRecord>,
+        now: Timestamp,
+    ) {
+        let ttl = self.shared.policy.directive_ttl.signed();
+        spec.sequence = directive::next_sequence(spec.sequence, now);
+        spec.issued_at = now;
+        spec.expires_at = now.checked_add(ttl).unwrap_or(Timestamp::MAX);
+        let release = spec
+            .release_id
+            .as_ref()
+            .and_then(|id| releases.get(id))
+            .map(|r| r.envelope.clone());
+        let action = if release.is_none() {
+            Action::Hold
+        } else {
+            spec.action
+        };
+        let d = Directive {
+            fleet: self.shared.policy.fleet.clone(),
+            ring: spec.ring.clone(),
+            device: None,
+            rollout_id: spec.rollout_id.clone(),
+            sequence: spec.sequence,
+            issued_at: spec.issued_at,
+            expires_at: spec.expires_at,
+            action,
+            release: if action == Action::Install {
+                release
+            } else {
+                None
+            },
+            percent: spec.percent,
+            activation: spec.activation.clone(),
+        };
+        let env = d.sign(&[&self.shared.key]);
+        self.outbox.push(Publish {
+            topic: self.shared.topics.ring_directive(&spec.ring),
+            payload: env.to_vec(),
+        });
+        self.dirty = true;
+    }
+
+    /// Set and sign a ring's directive.
+    fn set_ring(
+        &mut self,
+        ring: &str,
+        rollout_id: &str,
+        action: Action,
+        release_id: Option<String>,
+        percent: Percent,
+        activation: Activation,
+    ) {
+        let now = self.now();
+        let st = self.state();
+        let prev_seq = st.rings.get(ring).map(|r| r.sequence).unwrap_or(0);
+        let mut spec = RingDirective {
+            ring: ring.into(),
+            rollout_id: rollout_id.into(),
+            action,
+            release_id,
+            percent,
+            activation,
+            sequence: prev_seq,
+            issued_at: now,
+            expires_at: now,
+        };
+        let releases = st.releases.clone();
+        drop(st);
+        self.sign_ring(&mut spec, &releases, now);
+        self.state().rings.insert(ring.into(), spec);
+    }
+
+    /// Re-sign every standing directive and the trust root (start-up, broker reconnect).
+    fn republish_all(&mut self) {
+        let now = self.now();
+        let (mut rings, releases) = {
+            let st = self.state();
+            (st.rings.clone(), st.releases.clone())
+        };
+        self.outbox.push(Publish {
+            topic: self.shared.topics.trust(),
+            payload: self.shared.trust_envelope.clone(),
+        });
+        for spec in rings.values_mut() {
+            self.sign_ring(spec, &releases, now);
+        }
+        self.state().rings = rings;
+    }
+
+    /// Re-sign directives past half their lifetime (freeze protection).
+    fn resign_due(&mut self, now: Timestamp) {
+        let half = SignedDuration::from_millis(
+            self.shared.policy.directive_ttl.signed().as_millis() as i64 / 2,
+        );
+        let (mut rings, releases) = {
+            let st = self.state();
+            (st.rings.clone(), st.releases.clone())
+        };
+        let mut any = false;
+        for spec in rings.values_mut() {
+            let due = spec.issued_at.checked_add(half).unwrap_or(Timestamp::MAX);
+            if now >= due || now < spec.issued_at {
+                self.sign_ring(spec, &releases, now);
+                any = true;
+            }
+        }
+        if any {
+            self.state().rings = rings;
+        }
+    }
+
+    /// Hold (or leave) the rings a stopped rollout reached.
+    fn stop_rings(&mut self, r: &Rollout, why: &str) {
+        for ring in r.rings_reached.clone() {
+            let standing = self.state().rings.get(&ring).map(|d| d.rollout_id.clone());
+            if standing.as_deref() == Some(r.id.as_str()) {
+                self.set_ring(
+                    &ring,
+                    &r.id,
+                    Action::Hold,
+                    None,
+                    Percent::FULL,
+                    Activation::default(),
+                );
+                self.audit(Record::auto(
+                    "hold",
+                    &r.id,
+                    Some(&ring),
+                    format!("hold published: {why}"),
+                ));
+            }
+        }
+    }
+
+    fn checks_done(&mut self, id: &str, ring: &str, outcome: std::result::Result<(), String>) {
+        let now = self.now();
+        let policy = self.shared.policy.clone();
+        let mut st = self.state();
+        let Some(r) = st.rollouts.get_mut(id) else {
+            return;
+        };
+        let RolloutState::Active {
+            ring: idx,
+            step,
+            stage: Stage::Checking { .. },
+        } = r.state.clone()
+        else {
+            return;
+        };
+        if policy.rings[idx].name != ring {
+            return;
+        }
+        let record = match outcome {
+            Ok(()) => {
+                r.state = RolloutState::Active {
+                    ring: idx,
+                    step,
+                    stage: Stage::Checking { since: now },
+                };
+                // Passing checks complete the ring: reuse the promotion path.
+                drop(st);
+                self.promote_ring(id, idx);
+                Record::auto("checks_passed", id, Some(ring), "acceptance checks passed")
+            }
+            Err(detail) => {
+                r.state = RolloutState::Active {
+                    ring: idx,
+                    step,
+                    stage: Stage::ChecksFailed {
+                        at: now,
+                        detail: detail.clone(),
+                    },
+                };
+                drop(st);
+                Record::auto(
+                    "checks_failed",
+                    id,
+                    Some(ring),
+                    format!("ring held: {detail}"),
+                )
+            }
+        };
+        self.dirty = true;
+        self.audit(record);
+    }
+
+    /// Move a rollout past ring `idx` (next ring, or completed).
+    fn promote_ring(&mut self, id: &str, idx: usize) {
+        let now = self.now();
+        let policy = self.shared.policy.clone();
+        let mut st = self.state();
+        let Some(r) = st.rollouts.get_mut(id) else {
+            return;
+        };
+        let ring = policy.rings[idx].name.clone();
+        if idx + 1 < policy.rings.len() {
+            r.state = RolloutState::Active {
+                ring: idx + 1,
+                step: 0,
+                stage: Stage::WaitingWindow,
+            };
+            let next = policy.rings[idx + 1].name.clone();
+            drop(st);
+            self.audit(Record::auto(
+                "promote",
+                id,
+                Some(&ring),
+                format!("ring {ring} passed; next ring {next}"),
+            ));
+        } else {
+            r.state = RolloutState::Completed;
+            r.ended_at = Some(now);
+            let (name, rel) = (r.release_name.clone(), r.release_id.clone());
+            st.last_good.insert(name, rel.clone());
+            drop(st);
+            self.audit(Record::auto(
+                "complete",
+                id,
+                Some(&ring),
+                format!("release {rel} reached every ring"),
+            ));
+            info!(rollout_id = %id, "rollout completed");
+        }
+        self.dirty = true;
+    }
+
+    /// Evaluate every live rollout against the clock and the reports; re-sign what is due.
+    fn evaluate(&mut self) {
+        let now = self.now();
+        let ids: Vec<String> = {
+            let st = self.state();
+            let mut v: Vec<&Rollout> = st.rollouts.values().filter(|r| r.state.is_live()).collect();
+            v.sort_by_key(|r| r.created_at);
+            v.into_iter().map(|r| r.id.clone()).collect()
+        };
+        for id in ids {
+            // Bounded: each pass makes at most one transition; a step can chain a few.
+            for _ in 0..16 {
+                match self.advance(&id, now) {
+                    Next::Stay => break,
+                    Next::Go(s) => {
+                        if let Some(r) = self.state().rollouts.get_mut(&id) {
+                            r.state = s;
+                        }
+                        self.dirty = true;
+                    }
+                }
+            }
+        }
+        self.resign_due(now);
+        self.track_insight(now);
+    }
+
+    /// Record fleet-coverage and restore times (cheap: only recent rollouts still missing one).
+    fn track_insight(&mut self, now: Timestamp) {
+        let week = SignedDuration::from_hours(24 * 7);
+        let candidates: Vec<(Rollout, ringcast_proto::Release)> = {
+            let st = self.shared.state.read().unwrap_or_else(|p| p.into_inner());
+            st.rollouts
+                .values()
+                .filter(|r| r.ended_at.is_none_or(|e| now.duration_since(e) < week))
+                .filter(|r| match r.state {
+                    RolloutState::Halted { .. } | RolloutState::RolledBack { .. } => {
+                        r.insight.restored_at.is_none()
+                    }
+                    _ => r.insight.fleet_full_at.is_none(),
+                })
+                .filter_map(|r| {
+                    st.releases
+                        .get(&r.release_id)
+                        .map(|rel| (r.clone(), rel.release.clone()))
+                })
+                .collect()
+        };
+        for (r, rel) in candidates {
+            let cov = {
+                let devices = self
+                    .shared
+                    .devices
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner());
+                insight::coverage(&devices, &r, &rel)
+            };
+            let mut st = self.state();
+            let Some(rr) = st.rollouts.get_mut(&r.id) else {
+                continue;
+            };
+            let before = rr.insight.clone();
+            match rr.state {
+                RolloutState::Halted { .. } | RolloutState::RolledBack { .. } => {
+                    if cov.on_release == 0 && cov.in_flight == 0 {
+                        rr.insight.restored_at = Some(now);
+                    }
+                }
+                _ => {
+                    if cov.fleet > 0
+                        && cov.on_release * 2 >= cov.fleet
+                        && rr.insight.fleet_half_at.is_none()
+                    {
+                        rr.insight.fleet_half_at = Some(now);
+                    }
+                    if cov.fleet > 0 && cov.on_release >= cov.fleet {
+                        rr.insight.fleet_full_at = Some(now);
+                    }
+                }
+            }
+            let changed = rr.insight != before;
+            drop(st);
+            if changed {
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Decide one transition for rollout `id` at `now`.
+    fn advance(&mut self, id: &str, now: Timestamp) -> Next {
+        let policy = self.shared.policy.clone();
+        let Some(r) = self.state().rollouts.get(id).cloned() else {
+            return Next::Stay;
+        };
+        let span = info_span!("rollout", rollout_id = %id, ring = tracing::field::Empty);
+        let _g = span.enter();
+
+        // Gates first, on every ring this release reached, paused or not: a bad release is
+        // stopped even while an operator holds the rollout.
+        if let RolloutState::Active { .. } = r.state {
+            if let Some((ring_idx, t)) = self.crossed_gate(&r, now) {
+                self.halt(&r, ring_idx, &t);
+                return Next::Stay;
+            }
+        }
+        if r.paused {
+            return Next::Stay;
+        }
+        match r.state.clone() {
+            RolloutState::Queued => {
+                let st = self.state();
+                // First come, first served: wait while an older rollout of this name is live.
+                let blocked = st.rollouts.values().any(|o| {
+                    o.id != r.id
+                        && o.release_name == r.release_name
+                        && o.state.is_live()
+                        && (o.state != RolloutState::Queued || o.created_at < r.created_at)
+                });
+                drop(st);
+                if blocked {
+                    return Next::Stay;
+                }
+                self.audit(Record::auto(
+                    "dequeue",
+                    id,
+                    None,
+                    "previous rollout of this release finished",
+                ));
+                Next::Go(RolloutState::Pending)
+            }
+            RolloutState::Pending => {
+                if r.start_at.is_some_and(|s| now < s) {
+                    return Next::Stay;
+                }
+                self.audit(Record::auto("start", id, None, "rollout started"));
+                Next::Go(RolloutState::Active {
+                    ring: 0,
+                    step: 0,
+                    stage: Stage::WaitingWindow,
+                })
+            }
+            RolloutState::Active { ring, step, stage } => {
+                let rp = &policy.rings[ring];
+                span.record("ring", rp.name.as_str());
+                match stage {
+                    Stage::WaitingWindow | Stage::WaitingApproval => {
+                        let open = rp.schedule().is_open(now);
+                        let needs_approval = step == 0
+                            && rp.promotion == Promotion::Manual
+                            && !r.approvals.contains_key(&rp.name);
+                        if !open {
+                            return if stage == Stage::WaitingWindow {
+                                Next::Stay
+                            } else {
+                                Next::Go(RolloutState::Active {
+                                    ring,
+                                    step,
+                                    stage: Stage::WaitingWindow,
+                                })
+                            };
+                        }
+                        if needs_approval {
+                            if stage == Stage::WaitingApproval {
+                                return Next::Stay;
+                            }
+                            self.audit(Record::auto(
+                                "wait_approval",
+                                id,
+                                Some(&rp.name),
+                                "ring is manual: waiting for an approver",
+                            ));
+                            return Next::Go(RolloutState::Active {
+                                ring,
+                                step,
+                                stage: Stage::WaitingApproval,
+                            });
+                        }
+                        self.publish_step(&r, ring, step, now);
+                        Next::Go(RolloutState::Active {
+                            ring,
+                            step,
+                            stage: Stage::Baking { since: now },
+                        })
+                    }
+                    Stage::Baking { since } => {
+                        if now.duration_since(since) < rp.bake.signed() {
+                            return Next::Stay;
+                        }
+                        let percent = rp.steps[step];
+                        let t = self.tally_of(&r, &rp.name, percent, now);
+                        let last_step = step + 1 == rp.steps.len();
+                        if !gate_passes(&t, rp, last_step) {
+                            return Next::Stay;
+                        }
+                        self.mark_passed(id, &rp.name, step, now);
+                        if !last_step {
+                            self.audit(Record::auto(
+                                "promote_step",
+                                id,
+                                Some(&rp.name),
+                                format!(
+                                    "step {percent} passed ({} committed, {} failed); next {}",
+                                    t.committed,
+                                    t.failed,
+                                    rp.steps[step + 1]
+                                ),
+                            ));
+                            return Next::Go(RolloutState::Active {
+                                ring,
+                                step: step + 1,
+                                stage: Stage::WaitingWindow,
+                            });
+                        }
+                        if !rp.checks.is_empty() {
+                            self.start_checks(&r, ring);
+                            return Next::Go(RolloutState::Active {
+                                ring,
+                                step,
+                                stage: Stage::Checking { since: now },
+                            });
+                        }
+                        self.promote_ring(id, ring);
+                        Next::Stay
+                    }
+                    Stage::Checking { .. } => Next::Stay,
+                    Stage::ChecksFailed { at, .. } => {
+                        if now.duration_since(at) < rp.check_retry.signed() {
+                            return Next::Stay;
+                        }
+                        self.start_checks(&r, ring);
+                        Next::Go(RolloutState::Active {
+                            ring,
+                            step,
+                            stage: Stage::Checking { since: now },
+                        })
+                    }
+                }
+            }
+            _ => Next::Stay,
+        }
+    }
+
+    fn tally_of(&self, r: &Rollout, ring: &str, percent: Percent, now: Timestamp) -> Tally {
+        let devices = self
+            .shared
+            .devices
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        tally(
+            &devices,
+            r,
+            ring,
+            percent,
+            now,
+            self.shared.policy.unresponsive_after.signed(),
+        )
+    }
+
+    /// The first reached ring whose gate is crossed.
+    fn crossed_gate(&self, r: &Rollout, now: Timestamp) -> Option<(usize, Tally)> {
+        let policy = &self.shared.policy;
+        let rings = self
+            .shared
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .rings
+            .clone();
+        for name in &r.rings_reached {
+            let idx = policy.ring_index(name)?;
+            let percent = rings
+                .get(name)
+                .filter(|d| d.rollout_id == r.id)
+                .map(|d| d.percent)
+                .unwrap_or(Percent::FULL);
+            let t = self.tally_of(r, name, percent, now);
+            if gate_crossed(&t, &policy.rings[idx]) {
+                return Some((idx, t));
+            }
+        }
+        None
+    }
+
+    fn mark_passed(&mut self, id: &str, ring: &str, step: usize, now: Timestamp) {
+        if let Some(r) = self.state().rollouts.get_mut(id) {
+            if let Some(h) = r
+                .history
+                .iter_mut()
+                .rev()
+                .find(|h| h.ring == ring && h.step == step)
+            {
+                h.passed_at = Some(now);
+            }
+        }
+    }
+
+    fn publish_step(&mut self, r: &Rollout, ring: usize, step: usize, now: Timestamp) {
+        let rp = self.shared.policy.rings[ring].clone();
+        let percent = rp.steps[step];
+        let activation = Activation {
+            not_before: r.activate_at,
+            windows: rp.windows.clone(),
+            timezone: (!rp.windows.is_empty()).then(|| rp.timezone.clone()),
+        };
+        self.set_ring(
+            &rp.name,
+            &r.id,
+            Action::Install,
+            Some(r.release_id.clone()),
+            percent,
+            activation,
+        );
+        if let Some(rr) = self.state().rollouts.get_mut(&r.id) {
+            if !rr.rings_reached.contains(&rp.name) {
+                rr.rings_reached.push(rp.name.clone());
+            }
+            rr.history.push(StepRecord {
+                ring: rp.name.clone(),
+                step,
+                percent,
+                published_at: now,
+                passed_at: None,
+            });
+        }
+        let window = if rp.windows.is_empty() {
+            String::new()
+        } else {
+            " (delivery window open)".into()
+        };
+        self.audit(Record::auto(
+            "publish",
+            &r.id,
+            Some(&rp.name),
+            format!("install {} at {percent}{window}", r.release_id),
+        ));
+        info!(rollout_id = %r.id, ring = %rp.name, %percent, "step published");
+    }
+
+    fn start_checks(&mut self, r: &Rollout, ring: usize) {
+        let rp = self.shared.policy.rings[ring].clone();
+        self.audit(Record::auto(
+            "checks_started",
+            &r.id,
+            Some(&rp.name),
+            format!("{} acceptance checks", rp.checks.len()),
+        ));
+        let tx = self.tx.clone();
+        let (rollout, release) = (r.id.clone(), r.release_id.clone());
+        tokio::spawn(async move {
+            let outcome = checks::run_all(&rp.checks, &rp.name, &rollout, &release).await;
+            let _ = tx
+                .send(Command::ChecksDone {
+                    rollout,
+                    ring: rp.name,
+                    outcome,
+                })
+                .await;
+        });
+    }
+
+    /// A gate was crossed in ring `idx`: block the release, stop or roll back every ring it
+    /// reached, and record why.
+    fn halt(&mut self, r: &Rollout, idx: usize, t: &Tally) {
+        let now = self.now();
+        let rp = self.shared.policy.rings[idx].clone();
+        let reason = format!(
+            "gate crossed in ring {}: {} of {} failed (rate {:.2} > {:.2})",
+            rp.name,
+            t.failed,
+            t.reported.max(t.in_ramp),
+            t.failure_rate(),
+            rp.gate.max_failure_rate
+        );
+        warn!(rollout_id = %r.id, ring = %rp.name, %reason, "halting rollout");
+        let rollback_to = {
+            let st = self.state();
+            st.last_good
+                .get(&r.release_name)
+                .filter(|g| **g != r.release_id)
+                .cloned()
+        };
+        let state = match (rp.on_failure, rollback_to) {
+            (OnFailure::Rollback, Some(to)) => {
+                let rb_id = format!("{}-rollback", r.id);
+                for ring in &r.rings_reached {
+                    let standing = self.state().rings.get(ring).map(|d| d.rollout_id.clone());
+                    if standing.as_deref() == Some(r.id.as_str()) {
+                        self.set_ring(
+                            ring,
+                            &rb_id,
+                            Action::Install,
+                            Some(to.clone()),
+                            Percent::FULL,
+                            Activation::default(),
+                        );
+                        self.audit(Record::auto(
+                            "rollback",
+                            &r.id,
+                            Some(ring),
+                            format!("ring sent back to {to}"),
+                        ));
+                    }
+                }
+                RolloutState::RolledBack {
+                    reason: reason.clone(),
+                    to,
+                }
+            }
+            (on_failure, _) => {
+                if on_failure == OnFailure::Rollback {
+                    warn!(rollout_id = %r.id, "no completed release to roll back to; holding instead");
+                }
+                self.stop_rings(r, "gate crossed");
+                RolloutState::Halted {
+                    reason: reason.clone(),
+                }
+            }
+        };
+        {
+            let mut st = self.state();
+            if let Some(rel) = st.releases.get_mut(&r.release_id) {
+                rel.blocked = Some(reason.clone());
+            }
+            if let Some(rr) = st.rollouts.get_mut(&r.id) {
+                rr.state = state;
+                rr.ended_at = Some(now);
+            }
+        }
+        self.dirty = true;
+        self.audit(Record::auto("halt", &r.id, Some(&rp.name), reason));
+    }
+}
+
+/// Load the engine state from the store.
+pub fn load_state(store: &crate::store::Store) -> Result<EngineState> {
+    Ok(EngineState {
+        releases: store
+            .releases()?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect(),
+        rollouts: store
+            .rollouts()?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect(),
+        rings: store
+            .rings()?
+            .into_iter()
+            .map(|r| (r.ring.clone(), r))
+            .collect(),
+        last_good: store.meta("last_good")?.unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Gate, RingPolicy};
+    use ringcast_proto::testkit;
+    use ringcast_proto::{Dur, StateReport};
+
+    fn ring(min: u32, rate: f64) -> RingPolicy {
+        RingPolicy {
+            name: "canary".into(),
+            steps: vec![Percent::FULL],
+            bake: Dur::secs(60),
+            gate: Gate {
+                min_reports: min,
+                max_failure_rate: rate,
+            },
+            promotion: Promotion::Auto,
+            windows: vec![],
+            timezone: "UTC".into(),
+            on_failure: OnFailure::Halt,
+            checks: vec![],
+            check_retry: Dur::secs(60),
+        }
+    }
+
+    fn t(in_ramp: u32, reported: u32, committed: u32, failed: u32) -> Tally {
+        Tally {
+            devices: in_ramp,
+            in_ramp,
+            reported,
+            committed,
+            failed,
+            pending: reported - committed - failed,
+            unresponsive: 0,
+        }
+    }
+
+    #[test]
+    fn gate_crosses_only_above_the_rate_with_enough_evidence() {
+        let r = ring(10, 0.2);
+        assert!(!gate_crossed(&t(10, 10, 0, 2), &r), "2/10 is not above 0.2");
+        assert!(gate_crossed(&t(10, 10, 0, 3), &r), "3/10 is");
+        // Devices in the ramp that have not reported yet still bound the rate from below.
+        assert!(gate_crossed(&t(10, 3, 0, 3), &r));
+        assert!(
+            !gate_crossed(&t(4, 4, 0, 4), &r),
+            "fewer than min_reports devices"
+        );
+        assert!(!gate_crossed(&t(10, 10, 10, 0), &r));
+    }
+
+    #[test]
+    fn gate_passes_needs_commits_not_installs() {
+        let r = ring(3, 0.2);
+        assert!(!gate_passes(&t(5, 5, 2, 0), &r, true));
+        assert!(gate_passes(&t(5, 5, 3, 0), &r, true));
+        // An intermediate step with one device in its ramp needs that one commit.
+        assert!(gate_passes(&t(1, 1, 1, 0), &r, false));
+        assert!(!gate_passes(&t(1, 1, 0, 0), &r, false));
+        // The last step never passes on fewer than min_reports.
+        assert!(!gate_passes(&t(1, 1, 1, 0), &r, true));
+    }
+
+    #[test]
+    fn silent_device_counts_unresponsive_never_success() {
+        let now = testkit::now();
+        let rollout = Rollout {
+            id: "r1".into(),
+            release_id: "app-2".into(),
+            release_name: "app".into(),
+            release_sequence: 2,
+            created_at: now,
+            start_at: None,
+            activate_at: None,
+            state: RolloutState::Pending,
+            paused: false,
+            approvals: BTreeMap::new(),
+            rings_reached: vec![],
+            history: vec![],
+            ended_at: None,
+            insight: Default::default(),
+        };
+        let rep = |phase| StateReport {
+            device: "x".into(),
+            ring: "canary".into(),
+            device_class: "c".into(),
+            agent_version: "t".into(),
+            current: None,
+            previous: None,
+            target: None,
+            phase,
+            rollout_id: Some("r1".into()),
+            last_error: None,
+            windows: vec![],
+            timezone: "UTC".into(),
+            updated_at: now,
+        };
+        let old = now.checked_sub(SignedDuration::from_hours(3)).unwrap();
+        let mut devices = HashMap::new();
+        for (id, phase, seen) in [
+            ("a", Phase::Probation, old),
+            ("b", Phase::Probation, now),
+            ("c", Phase::Committed, old),
+            ("d", Phase::Reverted, now),
+        ] {
+            devices.insert(
+                id.to_string(),
+                DeviceRecord {
+                    id: id.into(),
+                    report: Some(rep(phase)),
+                    last_seen: seen,
+                    online: None,
+                    last_event: None,
+                },
+            );
+        }
+        let tl = tally(
+            &devices,
+            &rollout,
+            "canary",
+            Percent::FULL,
+            now,
+            SignedDuration::from_hours(1),
+        );
+        assert_eq!(
+            (
+                tl.committed,
+                tl.failed,
+                tl.pending,
+                tl.unresponsive,
+                tl.reported
+            ),
+            (1, 1, 1, 1, 4)
+        );
+    }
+}

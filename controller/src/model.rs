@@ -1,0 +1,286 @@
+//! The records the controller keeps: releases, rollouts (with their state machine's state),
+//! ring directives and devices. All serialisable: they live in sled.
+
+use jiff::Timestamp;
+use ringcast_proto::{Activation, Envelope, Event, Percent, Release, StateReport};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A submitted, verified release.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    /// `{name}-{sequence}`.
+    pub id: String,
+    /// The verified manifest.
+    pub release: Release,
+    /// The envelope as submitted (embedded whole in directives).
+    pub envelope: Envelope,
+    /// When it arrived.
+    pub submitted_at: Timestamp,
+    /// Token name that submitted it.
+    pub submitted_by: String,
+    /// Halted releases are never offered again unless unblocked.
+    #[serde(default)]
+    pub blocked: Option<String>,
+}
+
+/// Where a rollout is in its life cycle (DESIGN.md "Rollout life cycle").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Waiting behind a running rollout of the same name (a ring is `manual`).
+    Queued,
+    /// Waiting for its scheduled start.
+    Pending,
+    /// Walking the rings.
+    Active {
+        /// Index of the ring in the policy.
+        ring: usize,
+        /// Index of the step in the ring.
+        step: usize,
+        /// What it waits for.
+        stage: Stage,
+    },
+    /// Every ring done.
+    Completed,
+    /// A gate was crossed; `hold` published.
+    Halted {
+        /// Why.
+        reason: String,
+    },
+    /// A gate was crossed; rings sent back to the last completed release.
+    RolledBack {
+        /// Why.
+        reason: String,
+        /// Release id rolled back to.
+        to: String,
+    },
+    /// Stopped by an operator.
+    Aborted,
+    /// Replaced by a newer release of the same name.
+    Superseded {
+        /// The rollout that replaced it.
+        by: String,
+    },
+}
+
+/// The stage within one ring step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "snake_case")]
+pub enum Stage {
+    /// Outside the ring's delivery windows.
+    WaitingWindow,
+    /// A `manual` ring not yet approved.
+    WaitingApproval,
+    /// Directive published at `since`; bake clock running.
+    Baking {
+        /// When the step's directive was published.
+        since: Timestamp,
+    },
+    /// Acceptance checks running.
+    Checking {
+        /// When they started.
+        since: Timestamp,
+    },
+    /// Acceptance checks failed; retried after the ring's `check_retry`.
+    ChecksFailed {
+        /// When they failed.
+        at: Timestamp,
+        /// Which check, and why.
+        detail: String,
+    },
+}
+
+impl RolloutState {
+    /// Whether the rollout is still running (including queued and pending).
+    pub fn is_live(&self) -> bool {
+        matches!(
+            self,
+            RolloutState::Queued | RolloutState::Pending | RolloutState::Active { .. }
+        )
+    }
+
+    /// A short `snake_case` phase name for tables and metrics.
+    pub fn phase(&self) -> &'static str {
+        match self {
+            RolloutState::Queued => "queued",
+            RolloutState::Pending => "pending",
+            RolloutState::Active { stage, .. } => match stage {
+                Stage::WaitingWindow => "waiting_window",
+                Stage::WaitingApproval => "waiting_approval",
+                Stage::Baking { .. } => "baking",
+                Stage::Checking { .. } => "checking",
+                Stage::ChecksFailed { .. } => "checks_failed",
+            },
+            RolloutState::Completed => "completed",
+            RolloutState::Halted { .. } => "halted",
+            RolloutState::RolledBack { .. } => "rolled_back",
+            RolloutState::Aborted => "aborted",
+            RolloutState::Superseded { .. } => "superseded",
+        }
+    }
+}
+
+/// An approval of a `manual` ring.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Token name.
+    pub by: String,
+    /// When.
+    pub at: Timestamp,
+}
+
+/// One step published (for lead-time insight and restart checks).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Ring name.
+    pub ring: String,
+    /// Step index.
+    pub step: usize,
+    /// Percent.
+    pub percent: Percent,
+    /// When its directive was first published.
+    pub published_at: Timestamp,
+    /// When the step passed its gate.
+    #[serde(default)]
+    pub passed_at: Option<Timestamp>,
+}
+
+/// A rollout of one release through the rings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Id (also the ramp seed).
+    pub id: String,
+    /// Release id.
+    pub release_id: String,
+    /// Release name (supersede/queue are per name).
+    pub release_name: String,
+    /// Release sequence.
+    pub release_sequence: u64,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// Scheduled start.
+    #[serde(default)]
+    pub start_at: Option<Timestamp>,
+    /// Store-scheduled activation (`activation.not_before`).
+    #[serde(default)]
+    pub activate_at: Option<Timestamp>,
+    /// State machine state.
+    pub state: RolloutState,
+    /// Paused by an operator (gates still halt).
+    #[serde(default)]
+    pub paused: bool,
+    /// Approvals per ring name.
+    #[serde(default)]
+    pub approvals: BTreeMap<String, Approval>,
+    /// Rings whose directive carries this rollout's release.
+    #[serde(default)]
+    pub rings_reached: Vec<String>,
+    /// Steps published so far.
+    #[serde(default)]
+    pub history: Vec<StepRecord>,
+    /// When it ended (completed, halted, …).
+    #[serde(default)]
+    pub ended_at: Option<Timestamp>,
+    /// Delivery insight: when half, then all, of the compatible fleet ran the release.
+    #[serde(default)]
+    pub insight: RolloutInsight,
+}
+
+/// Timestamps the engine records for delivery insight (DESIGN.md "Delivery insight").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RolloutInsight {
+    /// Half of the compatible fleet committed.
+    #[serde(default)]
+    pub fleet_half_at: Option<Timestamp>,
+    /// All of the compatible fleet committed.
+    #[serde(default)]
+    pub fleet_full_at: Option<Timestamp>,
+    /// After a halt: no device runs the bad release or works on it any more.
+    #[serde(default)]
+    pub restored_at: Option<Timestamp>,
+}
+
+/// The directive currently standing on a ring topic (re-signed before expiry).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RingDirective {
+    /// Ring.
+    pub ring: String,
+    /// Rollout id in the directive (ramp seed).
+    pub rollout_id: String,
+    /// `install` or `hold`.
+    pub action: ringcast_proto::Action,
+    /// Release id for `install`.
+    pub release_id: Option<String>,
+    /// Ramp.
+    pub percent: Percent,
+    /// Activation constraints.
+    pub activation: Activation,
+    /// Last sequence signed on this topic.
+    pub sequence: u64,
+    /// When last signed.
+    pub issued_at: Timestamp,
+    /// When the last signature expires.
+    pub expires_at: Timestamp,
+}
+
+/// What the controller knows about a device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Device id (from the topic the broker authorised).
+    pub id: String,
+    /// Latest state report.
+    pub report: Option<StateReport>,
+    /// Controller time the latest *changed* report arrived.
+    pub last_seen: Timestamp,
+    /// Online flag (`…/online`).
+    #[serde(default)]
+    pub online: Option<bool>,
+    /// Latest event.
+    #[serde(default)]
+    pub last_event: Option<Event>,
+}
+
+impl DeviceRecord {
+    /// A device first heard of at `now`, with nothing known about it yet.
+    pub fn new(id: String, now: Timestamp) -> DeviceRecord {
+        DeviceRecord {
+            id,
+            report: None,
+            last_seen: now,
+            online: None,
+            last_event: None,
+        }
+    }
+}
+
+/// Counts for one ring of one rollout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    /// Devices known in the ring.
+    pub devices: u32,
+    /// Known devices inside the current step's ramp.
+    pub in_ramp: u32,
+    /// Devices that reported for this rollout.
+    pub reported: u32,
+    /// `committed`.
+    pub committed: u32,
+    /// `reverting` / `reverted` / `failed` of this release.
+    pub failed: u32,
+    /// Reported, not finished, still talking.
+    pub pending: u32,
+    /// Reported, not finished, silent past the timeout.
+    pub unresponsive: u32,
+}
+
+impl Tally {
+    /// Failure rate over the evidence the gate considers.
+    pub fn failure_rate(&self) -> f64 {
+        let denom = self.reported.max(self.in_ramp);
+        if denom == 0 {
+            0.0
+        } else {
+            f64::from(self.failed) / f64::from(denom)
+        }
+    }
+}

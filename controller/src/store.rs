@@ -1,0 +1,138 @@
+//! The controller's sled database: releases, rollouts, ring directives, devices, events,
+//! approvals (inside rollouts), the audit log and a few meta values.
+
+use crate::audit::AuditLog;
+use crate::error::{Error, Result};
+use crate::model::{DeviceRecord, ReleaseRecord, RingDirective, Rollout};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::Path;
+
+/// Typed access to the trees.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// The database.
+    pub db: sled::Db,
+    releases: sled::Tree,
+    rollouts: sled::Tree,
+    rings: sled::Tree,
+    /// Device records, written in batches by ingestion.
+    pub devices: sled::Tree,
+    /// Events by id (dedupe and evidence).
+    pub events: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn enc<T: Serialize>(what: &str, v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::corrupt(what, e))
+}
+
+fn dec<T: DeserializeOwned>(what: &str, key: &[u8], v: &[u8]) -> Result<T> {
+    serde_json::from_slice(v)
+        .map_err(|e| Error::corrupt(format!("{what} {}", String::from_utf8_lossy(key)), e))
+}
+
+impl Store {
+    /// Open (or create) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let db = sled::Config::new()
+            .path(dir.join("ringcast.sled"))
+            // Reports are re-read from retained messages after a crash (DESIGN.md), so the
+            // periodic flush is enough for them; rollout changes are flushed explicitly.
+            .flush_every_ms(Some(500))
+            .open()?;
+        Store::from_db(db)
+    }
+
+    /// Wrap an open database.
+    pub fn from_db(db: sled::Db) -> Result<Store> {
+        Ok(Store {
+            releases: db.open_tree("releases")?,
+            rollouts: db.open_tree("rollouts")?,
+            rings: db.open_tree("rings")?,
+            devices: db.open_tree("devices")?,
+            events: db.open_tree("events")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// The audit log on this database.
+    pub fn audit(&self) -> Result<AuditLog> {
+        AuditLog::open(self.db.open_tree("audit")?)
+    }
+
+    /// Make everything written so far durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    fn all<T: DeserializeOwned>(tree: &sled::Tree, what: &str) -> Result<Vec<T>> {
+        tree.iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                dec(what, &k, &v)
+            })
+            .collect()
+    }
+
+    /// Save a release.
+    pub fn put_release(&self, r: &ReleaseRecord) -> Result<()> {
+        self.releases.insert(r.id.as_bytes(), enc("release", r)?)?;
+        Ok(())
+    }
+
+    /// All releases.
+    pub fn releases(&self) -> Result<Vec<ReleaseRecord>> {
+        Store::all(&self.releases, "release")
+    }
+
+    /// Save a rollout.
+    pub fn put_rollout(&self, r: &Rollout) -> Result<()> {
+        self.rollouts.insert(r.id.as_bytes(), enc("rollout", r)?)?;
+        Ok(())
+    }
+
+    /// All rollouts.
+    pub fn rollouts(&self) -> Result<Vec<Rollout>> {
+        Store::all(&self.rollouts, "rollout")
+    }
+
+    /// Save a ring directive.
+    pub fn put_ring(&self, r: &RingDirective) -> Result<()> {
+        self.rings
+            .insert(r.ring.as_bytes(), enc("ring directive", r)?)?;
+        Ok(())
+    }
+
+    /// All ring directives.
+    pub fn rings(&self) -> Result<Vec<RingDirective>> {
+        Store::all(&self.rings, "ring directive")
+    }
+
+    /// All device records.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        Store::all(&self.devices, "device")
+    }
+
+    /// Encode a device record for a batch.
+    pub fn device_bytes(d: &DeviceRecord) -> Result<Vec<u8>> {
+        enc("device", d)
+    }
+
+    /// Read a meta value.
+    pub fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.meta
+            .get(key)?
+            .map(|v| dec("meta", key.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Write a meta value.
+    pub fn set_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<()> {
+        self.meta.insert(key, enc("meta", v)?)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,389 @@
+//! Shared helpers for the controller's tests: a real embedded broker, real sled in tempdirs,
+//! real HTTP, fixture keys, and devices played by plain rumqttc clients.
+#![allow(dead_code)]
+
+use jiff::{SignedDuration, Timestamp};
+use ringcast_controller::config::{
+    ApiRole, BrokerConfig, ControllerConfig, Gate, OnFailure, Policy, Promotion, RingPolicy,
+    ServerConfig, TokenEntry,
+};
+use ringcast_controller::{Controller, ControllerHandle};
+use ringcast_proto::testkit::{self, Fixture};
+use ringcast_proto::{
+    Directive, Dur, Envelope, FakeClock, Percent, Phase, ReleaseRef, StateReport, Topics,
+};
+use rumqttc::{AsyncClient, MqttOptions, NetworkOptions, QoS};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const VIEWER: &str = "viewer-token-0123456789";
+pub const OPERATOR: &str = "operator-token-0123456789";
+pub const APPROVER: &str = "approver-token-0123456789";
+
+/// The operator the engine tests act as.
+pub fn ops() -> ringcast_controller::engine::Actor {
+    ringcast_controller::engine::Actor {
+        name: "otto".into(),
+        role: "operator".into(),
+    }
+}
+
+/// One test's world: keys, files, a broker, a fake clock.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub fx: Fixture,
+    pub clock: FakeClock,
+    pub broker_port: u16,
+    pub topics: Topics,
+}
+
+pub fn ring(name: &str, steps: &[f64], bake: &str, min_reports: u32, max_rate: f64) -> RingPolicy {
+    RingPolicy {
+        name: name.into(),
+        steps: steps
+            .iter()
+            .map(|s| Percent::from_f64(*s).unwrap())
+            .collect(),
+        bake: bake.parse().unwrap(),
+        gate: Gate {
+            min_reports,
+            max_failure_rate: max_rate,
+        },
+        promotion: Promotion::Auto,
+        windows: vec![],
+        timezone: "UTC".into(),
+        on_failure: OnFailure::Halt,
+        checks: vec![],
+        check_retry: Dur::secs(60),
+    }
+}
+
+impl World {
+    pub fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        std::fs::write(dir.path().join("trust.json"), fx.trust_env.to_vec()).unwrap();
+        ringcast_controller::keyfile::write_secret_key(
+            &dir.path().join("controller.key"),
+            &fx.controller,
+            ringcast_controller::keyfile::Overwrite::Refuse,
+        )
+        .unwrap();
+        let broker_port = ringcast_controller::broker::start_embedded().unwrap();
+        World {
+            dir,
+            fx,
+            clock: FakeClock::new(testkit::now()),
+            broker_port,
+            topics: Topics::for_fleet(testkit::FLEET).unwrap(),
+        }
+    }
+
+    pub fn config(&self, rings: Vec<RingPolicy>) -> ControllerConfig {
+        let tok = |name: &str, role, t: &str| TokenEntry {
+            name: name.into(),
+            role,
+            token: Some(t.into()),
+            sha256: None,
+        };
+        ControllerConfig {
+            policy: Policy {
+                fleet: testkit::FLEET.into(),
+                topic_prefix: None,
+                tick: Dur(Duration::from_millis(50)),
+                directive_ttl: Dur::secs(3600),
+                unresponsive_after: Dur::secs(7 * 86400),
+                allowed_skew: Dur::secs(300),
+                rings,
+            },
+            server: ServerConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                data_dir: self.dir.path().join("data"),
+                trust: self.dir.path().join("trust.json"),
+                controller_key: self.dir.path().join("controller.key"),
+                tokens_file: None,
+                public_url: None,
+                max_artifact_bytes: 16 * 1024 * 1024,
+            },
+            broker: Some(BrokerConfig {
+                host: "127.0.0.1".into(),
+                port: self.broker_port,
+                client_id: "ringcast-controller".into(),
+                username: None,
+                password: None,
+                tls: None,
+            }),
+            tokens: vec![
+                tok("vera", ApiRole::Viewer, VIEWER),
+                tok("otto", ApiRole::Operator, OPERATOR),
+                tok("alice", ApiRole::Approver, APPROVER),
+            ],
+        }
+    }
+
+    pub async fn start(&self, config: ControllerConfig) -> ControllerHandle {
+        Controller::start(config, Arc::new(self.clock.clone()))
+            .await
+            .unwrap()
+    }
+
+    /// A signed release `app` with `sequence` (floor 1).
+    pub fn release(&self, sequence: u64) -> Envelope {
+        testkit::sample_release("app", sequence, 1).sign(&[&self.fx.release])
+    }
+
+    /// Submit release `sequence` at once (no start time, no activation time) as operator
+    /// `otto`: the common opening of most engine tests.
+    pub async fn submit_now(
+        &self,
+        h: &ControllerHandle,
+        sequence: u64,
+    ) -> (
+        ringcast_controller::model::ReleaseRecord,
+        ringcast_controller::model::Rollout,
+    ) {
+        let submit = ringcast_controller::engine::Submit {
+            envelope: self.release(sequence),
+            start_at: None,
+            activate_at: None,
+        };
+        match h.engine().submit(submit, ops()).await {
+            Ok(v) => v,
+            Err(e) => panic!("submitting release {sequence} failed: {e}"),
+        }
+    }
+
+    pub fn advance(&self, d: &str) {
+        let d: Dur = d.parse().unwrap();
+        self.clock.advance(d.signed());
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+}
+
+/// Poll `f` every 20 ms until it returns Some, or panic after `secs` seconds naming `what`.
+pub async fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {secs}s waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn mqtt(port: u16, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
+    ringcast_controller::mqtt::install_crypto_provider();
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_max_packet_size(256 * 1024, 256 * 1024);
+    o.set_keep_alive(Duration::from_secs(30));
+    let (c, mut el) = AsyncClient::new(o, 1000);
+    let mut n = NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    el.set_network_options(n);
+    (c, el)
+}
+
+/// Watches ring directives (latest verified directive per ring).
+#[derive(Clone, Default)]
+pub struct Watcher {
+    pub latest: Arc<Mutex<HashMap<String, Directive>>>,
+    pub count: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Watcher {
+    pub async fn start(w: &World) -> Watcher {
+        let (c, mut el) = mqtt(w.broker_port, &format!("watch-{}", rand_id()));
+        let filter = format!("{}/rings/+/directive", w.topics.prefix());
+        c.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        let me = Watcher::default();
+        let out = me.clone();
+        let trust = w.fx.trust.clone();
+        let topics = w.topics.clone();
+        tokio::spawn(async move {
+            let _keep = c;
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let Ok(ringcast_proto::Topic::RingDirective(ring)) = topics.parse(&p.topic)
+                        else {
+                            continue;
+                        };
+                        let env = Envelope::from_slice(&p.payload).expect("directive envelope");
+                        let bytes = env
+                            .verify(
+                                ringcast_proto::DIRECTIVE_TYPE,
+                                &trust,
+                                &trust.roles.controller,
+                            )
+                            .expect("directive signed by the controller key");
+                        let d = Directive::parse(bytes).expect("directive parses");
+                        assert_eq!(d.ring, ring);
+                        out.latest.lock().unwrap().insert(ring.clone(), d);
+                        *out.count.lock().unwrap().entry(ring).or_default() += 1;
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        me
+    }
+
+    pub fn get(&self, ring: &str) -> Option<Directive> {
+        self.latest.lock().unwrap().get(ring).cloned()
+    }
+
+    /// The release sequence the ring's directive installs (None for hold / no directive).
+    pub fn release_seq(&self, ring: &str) -> Option<u64> {
+        let d = self.get(ring)?;
+        let env = d.release?;
+        let r = ringcast_proto::Release::parse(&env.payload).ok()?;
+        Some(r.sequence)
+    }
+}
+
+fn rand_id() -> String {
+    let mut b = [0u8; 6];
+    getrandom::getrandom(&mut b).unwrap();
+    hex::encode(b)
+}
+
+/// Devices played by one MQTT client publishing retained state reports.
+pub struct Fleet {
+    pub client: AsyncClient,
+    pub topics: Topics,
+}
+
+impl Fleet {
+    pub async fn connect(w: &World) -> Fleet {
+        let (client, mut el) = mqtt(w.broker_port, &format!("fleet-{}", rand_id()));
+        tokio::spawn(async move {
+            loop {
+                if el.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        Fleet {
+            client,
+            topics: w.topics.clone(),
+        }
+    }
+
+    /// Publish a retained state report for `device` in `ring`.
+    pub async fn report(
+        &self,
+        device: &str,
+        ring: &str,
+        rollout: Option<&str>,
+        phase: Phase,
+        release_seq: u64,
+    ) {
+        let rel = ReleaseRef {
+            name: "app".into(),
+            version: format!("1.{release_seq}.0"),
+            sequence: release_seq,
+        };
+        let committed = phase == Phase::Committed;
+        let r = StateReport {
+            device: device.into(),
+            ring: ring.into(),
+            device_class: "sensor-v2".into(),
+            agent_version: "test".into(),
+            current: Some(if committed {
+                rel.clone()
+            } else {
+                ReleaseRef {
+                    name: "app".into(),
+                    version: "1.1.0".into(),
+                    sequence: 1,
+                }
+            }),
+            previous: None,
+            target: Some(rel),
+            phase,
+            rollout_id: rollout.map(str::to_owned),
+            last_error: None,
+            windows: vec![],
+            timezone: "UTC".into(),
+            updated_at: testkit::now(),
+        };
+        self.client
+            .publish(
+                self.topics.state(device),
+                QoS::AtLeastOnce,
+                true,
+                r.to_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Report every device of `ring` (`{ring}-{i}`, i in 0..n) in `phase`.
+    pub async fn report_all(
+        &self,
+        ring: &str,
+        n: usize,
+        rollout: Option<&str>,
+        phase: Phase,
+        seq: u64,
+    ) {
+        for i in 0..n {
+            self.report(&format!("{ring}-{i}"), ring, rollout, phase, seq)
+                .await;
+        }
+    }
+}
+
+/// The rollout as the engine sees it.
+pub fn rollout(h: &ControllerHandle, id: &str) -> ringcast_controller::model::Rollout {
+    h.shared()
+        .state
+        .read()
+        .unwrap()
+        .rollouts
+        .get(id)
+        .cloned()
+        .expect("rollout exists")
+}
+
+/// The phase name of a rollout.
+pub fn phase(h: &ControllerHandle, id: &str) -> String {
+    rollout(h, id).state.phase().to_owned()
+}
+
+/// Number of devices the controller knows that report `rollout` in `phase`.
+pub fn count_phase(h: &ControllerHandle, rollout: &str, phase: Phase) -> usize {
+    h.shared()
+        .devices
+        .read()
+        .unwrap()
+        .values()
+        .filter(|d| {
+            d.report
+                .as_ref()
+                .is_some_and(|r| r.rollout_id.as_deref() == Some(rollout) && r.phase == phase)
+        })
+        .count()
+}
+
+pub fn ts(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+pub fn secs(n: i64) -> SignedDuration {
+    SignedDuration::from_secs(n)
+}
+
+/// HTTP client with a token.
+pub fn api(h: &ControllerHandle, token: &str) -> ringcast_controller::client::Client {
+    ringcast_controller::client::Client::new(&h.http_url(), Some(token.into()))
+}

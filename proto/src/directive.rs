@@ -1,0 +1,188 @@
+//! Directives (signed by the `controller` role): what a ring or one device should run.
+
+use crate::envelope::{Envelope, DIRECTIVE_TYPE};
+use crate::error::{Rejection, Result};
+use crate::limits::{check_list, check_name};
+use crate::ramp::Percent;
+use crate::window::{Schedule, Window};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// What the directive asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Install the embedded release (if the device is in the ramp).
+    Install,
+    /// Stop: start nothing new, keep what is installed.
+    Hold,
+}
+
+/// When an accepted release may be activated.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Activation {
+    /// Do not activate before this instant (store-scheduled releases pre-stage, then switch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<Timestamp>,
+    /// Delivery windows; empty means any time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<Window>,
+    /// IANA zone of the windows; absent means the device's own zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+}
+
+impl Activation {
+    /// The schedule, resolving the zone (or `device_tz` when the directive names none).
+    pub fn schedule(&self, device_tz: &str) -> Result<Schedule> {
+        Schedule::new(
+            self.windows.clone(),
+            self.timezone.as_deref().unwrap_or(device_tz),
+        )
+    }
+
+    /// Whether activation is allowed at `now`.
+    pub fn allows(&self, now: Timestamp, device_tz: &str) -> Result<bool> {
+        if self.not_before.is_some_and(|nb| now < nb) {
+            return Ok(false);
+        }
+        Ok(self.schedule(device_tz)?.is_open(now))
+    }
+}
+
+/// A directive, exactly as DESIGN.md lists its fields, plus `device` for per-device directives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Directive {
+    /// Fleet name.
+    pub fleet: String,
+    /// Ring name (for a per-device directive: the ring the device was in when pinned).
+    pub ring: String,
+    /// Set only on per-device directives: the device it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Rollout this directive belongs to; also the ramp seed.
+    pub rollout_id: String,
+    /// Strictly increasing per topic (replay protection).
+    pub sequence: u64,
+    /// When the controller signed it.
+    pub issued_at: Timestamp,
+    /// Short expiry; the controller re-signs before it (freeze protection).
+    pub expires_at: Timestamp,
+    /// Install or hold.
+    pub action: Action,
+    /// The release envelope, embedded whole (required for `install`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<Envelope>,
+    /// Share of the ring in the ramp.
+    pub percent: Percent,
+    /// Activation constraints.
+    #[serde(default)]
+    pub activation: Activation,
+}
+
+impl Directive {
+    /// Parse directive bytes strictly and validate them.
+    pub fn parse(bytes: &[u8]) -> Result<Directive> {
+        let d: Directive = serde_json::from_slice(bytes)
+            .map_err(|e| Rejection::malformed(format!("directive: {e}")))?;
+        d.validate()?;
+        Ok(d)
+    }
+
+    /// Bounded names, consistent fields.
+    pub fn validate(&self) -> Result<()> {
+        check_name("fleet", &self.fleet)?;
+        check_name("ring", &self.ring)?;
+        check_name("rollout_id", &self.rollout_id)?;
+        if let Some(d) = &self.device {
+            check_name("device", d)?;
+        }
+        if self.expires_at <= self.issued_at {
+            return Err(Rejection::malformed(
+                "directive expires_at is not after issued_at",
+            ));
+        }
+        if self.action == Action::Install && self.release.is_none() {
+            return Err(Rejection::malformed("install directive carries no release"));
+        }
+        check_list("activation.windows", &self.activation.windows, 16)?;
+        if let Some(tz) = &self.activation.timezone {
+            crate::limits::check_len("activation.timezone", tz, 64)?;
+        }
+        Ok(())
+    }
+
+    /// Serialise to the bytes that get signed.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Sign into an envelope.
+    pub fn sign(&self, keys: &[&crate::keys::SecretKey]) -> Envelope {
+        Envelope::sign(DIRECTIVE_TYPE, self.to_bytes(), keys)
+    }
+}
+
+/// The controller's sequence rule: `max(last + 1, unix time in ms)`, so a controller restored
+/// from an old backup never issues a sequence devices would take for a replay.
+pub fn next_sequence(last: u64, now: Timestamp) -> u64 {
+    let ms = u64::try_from(now.as_millisecond()).unwrap_or(0);
+    last.saturating_add(1).max(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::*;
+
+    #[test]
+    fn round_trip_and_strictness() {
+        let f = Fixture::new();
+        let d = f.directive("canary", 10, 5);
+        assert_eq!(Directive::parse(&d.to_bytes()).unwrap(), d);
+        let mut v: serde_json::Value = serde_json::from_slice(&d.to_bytes()).unwrap();
+        v["extra"] = 1.into();
+        assert!(Directive::parse(&serde_json::to_vec(&v).unwrap()).is_err());
+    }
+
+    #[test]
+    fn install_needs_release_and_sane_expiry() {
+        let f = Fixture::new();
+        let mut d = f.directive("canary", 10, 5);
+        d.release = None;
+        assert!(d.validate().is_err());
+        let mut d = f.directive("canary", 10, 5);
+        d.expires_at = d.issued_at;
+        assert!(d.validate().is_err());
+        let mut d = f.directive("canary", 10, 5);
+        d.action = Action::Hold;
+        d.release = None;
+        assert!(d.validate().is_ok());
+    }
+
+    #[test]
+    fn sequence_rule() {
+        let now: Timestamp = "2026-11-23T00:00:00Z".parse().unwrap();
+        let ms = now.as_millisecond() as u64;
+        assert_eq!(next_sequence(0, now), ms);
+        assert_eq!(next_sequence(ms + 10, now), ms + 11);
+    }
+
+    #[test]
+    fn activation_honours_not_before_and_windows() {
+        let now: Timestamp = "2026-11-23T03:00:00Z".parse().unwrap(); // Monday
+        let mut a = Activation::default();
+        assert!(a.allows(now, "UTC").unwrap());
+        a.not_before = Some("2026-11-23T04:00:00Z".parse().unwrap());
+        assert!(!a.allows(now, "UTC").unwrap());
+        a.not_before = None;
+        a.windows = vec![Window::parse("Mon 02:00-04:00").unwrap()];
+        assert!(a.allows(now, "UTC").unwrap());
+        // In New York it is 22:00 on Sunday: closed.
+        assert!(!a.allows(now, "America/New_York").unwrap());
+        a.timezone = Some("UTC".into());
+        assert!(a.allows(now, "America/New_York").unwrap());
+    }
+}

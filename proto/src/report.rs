@@ -1,0 +1,303 @@
+//! What agents publish: retained state reports and QoS 1 events.
+
+use crate::error::{Reason, Rejection, Result};
+use crate::limits::MAX_REPORT_BYTES;
+use crate::window::Window;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// Agent phases (DESIGN.md "Agent state machine").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Nothing in progress.
+    Idle,
+    /// Fetching the artifact.
+    Downloading,
+    /// Checking the downloaded artifact.
+    Verifying,
+    /// Downloaded and verified; waiting for activation time and window.
+    Staged,
+    /// Activating.
+    Installing,
+    /// Activated; health checks running.
+    Probation,
+    /// Healthy through probation: success.
+    Committed,
+    /// Going back to the previous release.
+    Reverting,
+    /// Back on the previous release after a failure.
+    Reverted,
+    /// The install could not be carried out (e.g. pre-activation hook failed); nothing changed.
+    Failed,
+}
+
+impl Phase {
+    /// The `snake_case` name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Downloading => "downloading",
+            Phase::Verifying => "verifying",
+            Phase::Staged => "staged",
+            Phase::Installing => "installing",
+            Phase::Probation => "probation",
+            Phase::Committed => "committed",
+            Phase::Reverting => "reverting",
+            Phase::Reverted => "reverted",
+            Phase::Failed => "failed",
+        }
+    }
+
+    /// Whether the controller counts this as a failure of the target release.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Phase::Reverting | Phase::Reverted | Phase::Failed)
+    }
+}
+
+/// A release as reports name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRef {
+    /// Release name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Sequence.
+    pub sequence: u64,
+}
+
+/// Last error, with its stable reason code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// Stable code (a [`Reason`] code, or an agent-side code such as `health_check_failed`).
+    pub reason: String,
+    /// Human explanation.
+    pub detail: String,
+}
+
+/// The retained state report on `…/devices/{device}/state`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateReport {
+    /// Device id.
+    pub device: String,
+    /// Ring.
+    pub ring: String,
+    /// Device class.
+    pub device_class: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Running release.
+    pub current: Option<ReleaseRef>,
+    /// Release kept for revert.
+    pub previous: Option<ReleaseRef>,
+    /// Release being worked on (downloading … probation, or the one that was reverted).
+    #[serde(default)]
+    pub target: Option<ReleaseRef>,
+    /// Phase.
+    pub phase: Phase,
+    /// Rollout the phase belongs to.
+    pub rollout_id: Option<String>,
+    /// Last error.
+    pub last_error: Option<ErrorInfo>,
+    /// The device's own delivery windows.
+    #[serde(default)]
+    pub windows: Vec<Window>,
+    /// The device's time zone.
+    pub timezone: String,
+    /// When this report was produced (device's trusted time).
+    pub updated_at: Timestamp,
+}
+
+/// A QoS 1 event on `…/devices/{device}/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unique id, so duplicates are recognised.
+    pub id: String,
+    /// Device id.
+    pub device: String,
+    /// When.
+    pub at: Timestamp,
+    /// Rollout it concerns, if any.
+    #[serde(default)]
+    pub rollout_id: Option<String>,
+    /// Release it concerns, if any.
+    #[serde(default)]
+    pub release: Option<ReleaseRef>,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// Event kinds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    /// A directive was accepted.
+    Accepted,
+    /// A directive, trust root or artifact was refused.
+    Rejected {
+        /// Stable reason.
+        reason: Reason,
+        /// Detail.
+        detail: String,
+    },
+    /// Download progress.
+    Downloading {
+        /// Bytes so far.
+        received: u64,
+        /// Declared size.
+        total: u64,
+    },
+    /// Download failed; will retry.
+    DownloadFailed {
+        /// Stable code.
+        reason: String,
+        /// Detail.
+        detail: String,
+        /// Milliseconds until the retry.
+        retry_in_ms: u64,
+    },
+    /// Downloaded and verified.
+    Downloaded,
+    /// Waiting for activation.
+    Staged,
+    /// Activated.
+    Installed,
+    /// A health round passed.
+    Healthy,
+    /// Probation completed.
+    Committed,
+    /// Reverted, with evidence.
+    Reverted {
+        /// Stable code: `health_check_failed`, `too_many_restarts`, `post_activate_failed`, …
+        reason: String,
+        /// The check that failed.
+        #[serde(default)]
+        check: Option<String>,
+        /// Tail of its output.
+        #[serde(default)]
+        output: Option<String>,
+    },
+    /// Install failed before activation; nothing changed.
+    InstallFailed {
+        /// Stable code.
+        reason: String,
+        /// Detail.
+        detail: String,
+    },
+    /// A new trust root was accepted.
+    TrustRotated {
+        /// Its version.
+        version: u64,
+    },
+    /// A hold directive was accepted.
+    Held,
+}
+
+impl EventKind {
+    /// The `snake_case` name of the kind.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Accepted => "accepted",
+            EventKind::Rejected { .. } => "rejected",
+            EventKind::Downloading { .. } => "downloading",
+            EventKind::DownloadFailed { .. } => "download_failed",
+            EventKind::Downloaded => "downloaded",
+            EventKind::Staged => "staged",
+            EventKind::Installed => "installed",
+            EventKind::Healthy => "healthy",
+            EventKind::Committed => "committed",
+            EventKind::Reverted { .. } => "reverted",
+            EventKind::InstallFailed { .. } => "install_failed",
+            EventKind::TrustRotated { .. } => "trust_rotated",
+            EventKind::Held => "held",
+        }
+    }
+}
+
+fn parse_bounded<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T> {
+    if bytes.len() > MAX_REPORT_BYTES {
+        return Err(Rejection::new(
+            Reason::TooLarge,
+            format!("{what} is {} bytes, over {MAX_REPORT_BYTES}", bytes.len()),
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| Rejection::malformed(format!("{what}: {e}")))
+}
+
+impl StateReport {
+    /// Parse with the report size limit.
+    pub fn parse(bytes: &[u8]) -> Result<StateReport> {
+        parse_bounded("state report", bytes)
+    }
+
+    /// Serialise.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+impl Event {
+    /// Parse with the report size limit.
+    pub fn parse(bytes: &[u8]) -> Result<Event> {
+        parse_bounded("event", bytes)
+    }
+
+    /// Serialise.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_round_trip_with_flattened_kind() {
+        let e = Event {
+            id: "dev-1-42".into(),
+            device: "dev-1".into(),
+            at: "2026-11-23T00:00:00Z".parse().unwrap(),
+            rollout_id: Some("r1".into()),
+            release: None,
+            kind: EventKind::Reverted {
+                reason: "health_check_failed".into(),
+                check: Some("app".into()),
+                output: Some("boom".into()),
+            },
+        };
+        let bytes = e.to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["event"], "reverted");
+        assert_eq!(v["check"], "app");
+        assert_eq!(Event::parse(&bytes).unwrap(), e);
+        let rej = Event {
+            kind: EventKind::Rejected {
+                reason: Reason::Replayed,
+                detail: "x".into(),
+            },
+            ..e
+        };
+        let v: serde_json::Value = serde_json::from_slice(&rej.to_bytes()).unwrap();
+        assert_eq!(v["reason"], "replayed");
+    }
+
+    #[test]
+    fn oversized_report_is_refused() {
+        let big = vec![b' '; MAX_REPORT_BYTES + 1];
+        assert_eq!(
+            StateReport::parse(&big).unwrap_err().reason,
+            Reason::TooLarge
+        );
+        assert_eq!(Event::parse(b"{").unwrap_err().reason, Reason::Malformed);
+    }
+
+    #[test]
+    fn failure_phases() {
+        assert!(Phase::Reverted.is_failure());
+        assert!(Phase::Failed.is_failure());
+        assert!(!Phase::Committed.is_failure());
+        assert!(!Phase::Probation.is_failure());
+    }
+}
