@@ -33,20 +33,48 @@ pub struct SledStore {
     outbox: sled::Tree,
 }
 
+/// How long [`SledStore::open`] waits for a held database lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// sled 0.34 reports a held lock as `Io(Other)` with this text and no better handle.
+fn is_lock_held(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
 fn store_err(e: sled::Error) -> Error {
     Error::Store(e.to_string())
 }
 
 impl SledStore {
     /// Open (or create) the database in `dir`.
+    ///
+    /// sled's I/O threads can hold the file lock for a moment after the previous `Db` in
+    /// this process is dropped (an in-process restart, a test reopening). A held lock is
+    /// therefore retried for up to [`LOCK_WAIT`] before it is reported, naming the likely
+    /// cause: another agent using the same data dir.
     pub fn open(dir: &Path) -> Result<SledStore> {
         // A small cache: the agent's state is a few kilobytes.
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(256 * 1024)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| Error::Store(format!("open {}: {e}", dir.display())))?;
+            .flush_every_ms(None);
+        let started = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e) if is_lock_held(&e) && started.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) if is_lock_held(&e) => {
+                    return Err(Error::Store(format!(
+                        "open {}: the database is locked by another process \
+                         (is another ringcast-agent using this data_dir?): {e}",
+                        dir.display()
+                    )));
+                }
+                Err(e) => return Err(Error::Store(format!("open {}: {e}", dir.display()))),
+            }
+        };
         let state = db.open_tree("state").map_err(store_err)?;
         let outbox = db.open_tree("outbox").map_err(store_err)?;
         Ok(SledStore { db, state, outbox })
@@ -218,5 +246,18 @@ mod tests {
         let peek = s.outbox_peek(10).unwrap();
         assert_eq!(peek.len(), 2);
         assert_eq!(peek[1].1, b"kept");
+    }
+
+    #[test]
+    fn reopen_right_after_drop_waits_for_the_lock_and_a_live_holder_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..20u8 {
+            let s = SledStore::open(d.path()).unwrap();
+            s.put("round", &[i]).unwrap();
+        }
+        let s = SledStore::open(d.path()).unwrap();
+        assert_eq!(s.get("round").unwrap().as_deref(), Some(&[19u8][..]));
+        let err = SledStore::open(d.path()).unwrap_err().to_string();
+        assert!(err.contains("another ringcast-agent"), "{err}");
     }
 }

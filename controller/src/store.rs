@@ -8,6 +8,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::Path;
 
+/// How long [`Store::open`] waits for a database lock still held by a previous `Db`.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Typed access to the trees.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -36,12 +39,27 @@ impl Store {
     /// Open (or create) the database under `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir.join("ringcast.sled"))
             // Reports are re-read from retained messages after a crash (DESIGN.md), so the
             // periodic flush is enough for them; rollout changes are flushed explicitly.
-            .flush_every_ms(Some(500))
-            .open()?;
+            .flush_every_ms(Some(500));
+        // sled's flusher thread keeps the file lock for up to one flush interval after the
+        // previous `Db` in this process is dropped (an in-process restart), so a held lock
+        // is retried for a bounded time before it is reported.
+        let started = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(io))
+                    if io.to_string().contains("could not acquire lock")
+                        && started.elapsed() < LOCK_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         Store::from_db(db)
     }
 
@@ -134,5 +152,22 @@ impl Store {
     pub fn set_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<()> {
         self.meta.insert(key, enc("meta", v)?)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopen_right_after_drop_waits_for_the_flusher_to_let_go() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..10u8 {
+            let s = Store::open(d.path()).unwrap();
+            s.meta.insert("round", &[i]).unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(s.meta.get("round").unwrap().as_deref(), Some(&[9u8][..]));
     }
 }
