@@ -23,14 +23,7 @@ async fn complete_release(
     fleet
         .report_all("broad", n, Some(&ro.id), Phase::Committed, seq)
         .await;
-    for _ in 0..4 {
-        w.advance("10m");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-    wait_for(10, "first release completes", || {
-        (phase(h, &ro.id) == "completed").then_some(())
-    })
-    .await;
+    advance_until_phase(w, h, &ro.id, "10m", "completed", 20).await;
     ro.id
 }
 
@@ -412,14 +405,7 @@ async fn insight_reports_lead_time_failure_rate_restore_and_device_prediction() 
     fleet
         .report_all("broad", 4, Some(&good), Phase::Committed, 2)
         .await;
-    for _ in 0..6 {
-        w.advance("1h");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-    wait_for(10, "good release completes", || {
-        (phase(&h, &good) == "completed").then_some(())
-    })
-    .await;
+    advance_until_phase(&w, &h, &good, "1h", "completed", 20).await;
     wait_for(10, "whole fleet recorded", || {
         rollout(&h, &good).insight.fleet_full_at
     })
@@ -470,6 +456,7 @@ async fn restart_with_a_policy_that_lost_the_ring_stops_the_rollout_instead_of_g
     fleet
         .report("canary-0", "canary", Some(&ro.id), Phase::Committed, 2)
         .await;
+    wait_step(&h, &ro.id, "canary", 0).await;
     w.advance("10m");
     wait_for(10, "in broad", || {
         matches!(

@@ -355,6 +355,44 @@ pub fn rollout(h: &ControllerHandle, id: &str) -> ringcast_controller::model::Ro
         .expect("rollout exists")
 }
 
+/// Wait until the engine has published `ring`'s step `step` of rollout `id`. Advance the fake
+/// clock only after this: a bake counts from the step's publication, so advancing before the
+/// engine's next tick has published it would start the bake after the jump.
+pub async fn wait_step(h: &ControllerHandle, id: &str, ring: &str, step: usize) {
+    wait_for(10, &format!("{ring} step {step} published"), || {
+        rollout(h, id)
+            .history
+            .iter()
+            .any(|s| s.ring == ring && s.step == step)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Advance the fake clock by `step` until rollout `id` reaches `want` (a phase name),
+/// failing after `secs` seconds of real time. For tests that need a rollout finished, not
+/// the exact moment of each promotion.
+pub async fn advance_until_phase(
+    w: &World,
+    h: &ControllerHandle,
+    id: &str,
+    step: &str,
+    want: &str,
+    secs: u64,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while phase(h, id) != want {
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "timed out after {secs}s advancing the clock until {id} is {want}; it is {}",
+                phase(h, id)
+            );
+        }
+        w.advance(step);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The phase name of a rollout.
 pub fn phase(h: &ControllerHandle, id: &str) -> String {
     rollout(h, id).state.phase().to_owned()
