@@ -30,6 +30,8 @@ struct Got {
     event: String,
     body: serde_json::Value,
     answered: u16,
+    /// Why the request was refused as malformed (bad signature, missing header …).
+    bad: Option<String>,
 }
 
 #[derive(Default)]
@@ -56,8 +58,13 @@ impl Receiver {
         }
     }
 
+    /// Every attempt; panics if any was malformed, so every test checks every signature.
     fn attempts(&self) -> Vec<Got> {
-        self.log.lock().unwrap().attempts.clone()
+        let all = self.log.lock().unwrap().attempts.clone();
+        for g in &all {
+            assert_eq!(g.bad, None, "malformed request {g:?}");
+        }
+        all
     }
 
     fn delivered(&self) -> Vec<Got> {
@@ -87,52 +94,71 @@ impl Receiver {
     }
 }
 
-fn header(h: &HeaderMap, name: &str) -> String {
+fn header(h: &HeaderMap, name: &str) -> Result<String, String> {
     h.get(name)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_else(|| panic!("header {name} missing"))
-        .to_owned()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("header {name} missing"))
 }
 
 /// Verify like a receiver would, with the hmac crate directly (not the controller's `sign`).
-fn check_signature(h: &HeaderMap, body: &[u8]) {
-    let ts = header(h, "x-ringcast-timestamp");
-    assert!(
-        ts.parse::<i64>().is_ok(),
-        "timestamp {ts:?} is unix seconds"
-    );
+fn check_signature(h: &HeaderMap, body: &[u8]) -> Result<(), String> {
+    let ts = header(h, "x-ringcast-timestamp")?;
+    ts.parse::<i64>()
+        .map_err(|_| format!("timestamp {ts:?} is not unix seconds"))?;
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET).unwrap();
     mac.update(ts.as_bytes());
     mac.update(b".");
     mac.update(body);
-    let sig = header(h, "x-ringcast-signature");
-    let hex_sig = sig.strip_prefix("sha256=").expect("sha256= prefix");
-    mac.verify_slice(&hex::decode(hex_sig).unwrap())
-        .unwrap_or_else(|_| {
-            panic!(
-                "bad signature {sig} for body {}",
-                String::from_utf8_lossy(body)
-            )
-        });
-    assert_eq!(header(h, "content-type"), "application/json");
+    let sig = header(h, "x-ringcast-signature")?;
+    let raw = sig
+        .strip_prefix("sha256=")
+        .and_then(|x| hex::decode(x).ok())
+        .ok_or_else(|| format!("signature {sig:?} is not sha256=<hex>"))?;
+    mac.verify_slice(&raw).map_err(|_| {
+        format!(
+            "bad signature {sig} for body {}",
+            String::from_utf8_lossy(body)
+        )
+    })?;
+    let ct = header(h, "content-type")?;
+    if ct != "application/json" {
+        return Err(format!("content-type {ct:?}"));
+    }
+    Ok(())
 }
 
+/// Records every attempt; answers 500 to the first `fail_first`, 400 to a malformed one
+/// (the test then fails naming why), 200 otherwise.
 async fn hook(State(r): State<Receiver>, h: HeaderMap, body: Bytes) -> StatusCode {
-    check_signature(&h, &body);
-    let got = |answered| Got {
-        delivery: header(&h, "x-ringcast-delivery"),
-        event: header(&h, "x-ringcast-event"),
-        body: serde_json::from_slice(&body).unwrap(),
-        answered,
+    let mut bad = check_signature(&h, &body).err();
+    let json = serde_json::from_slice(&body).unwrap_or_else(|e| {
+        bad.get_or_insert(format!("body is not JSON: {e}"));
+        serde_json::Value::Null
+    });
+    let mut field = |name| {
+        header(&h, name).unwrap_or_else(|e| {
+            bad.get_or_insert(e);
+            String::new()
+        })
     };
+    let (delivery, event) = (field("x-ringcast-delivery"), field("x-ringcast-event"));
     let status = {
         let mut log = r.log.lock().unwrap();
-        let status = if log.attempts.len() < log.fail_first {
+        let status = if bad.is_some() {
+            StatusCode::BAD_REQUEST
+        } else if log.attempts.len() < log.fail_first {
             StatusCode::INTERNAL_SERVER_ERROR
         } else {
             StatusCode::OK
         };
-        log.attempts.push(got(status.as_u16()));
+        log.attempts.push(Got {
+            delivery,
+            event,
+            body: json,
+            answered: status.as_u16(),
+            bad,
+        });
         status
     };
     if status == StatusCode::OK {
