@@ -271,12 +271,18 @@ async fn rollout_events_arrive_signed_in_audit_order_and_the_filter_applies() {
     let ops_only = Receiver::new(0);
     let s_all = Server::start("127.0.0.1:0".parse().unwrap(), &all).await;
     let s_ops = Server::start("127.0.0.1:0".parse().unwrap(), &ops_only).await;
+    // A receiver that is never up: its retries must not hold back the other webhooks.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let h = w
         .start(config_with(
             &w,
             vec![
                 webhook(&w, "all", &s_all.url(), None),
                 webhook(&w, "ops", &s_ops.url(), Some(&["pause", "resume"])),
+                webhook(&w, "dead", &format!("http://{dead}/hook"), None),
             ],
         ))
         .await;
@@ -319,9 +325,19 @@ async fn rollout_events_arrive_signed_in_audit_order_and_the_filter_applies() {
         "ringcast_webhook_failures_total{webhook=\"all\"} 0",
         "ringcast_webhook_failures_total{webhook=\"ops\"} 0",
         "ringcast_webhook_pending{webhook=\"ops\"}",
+        "ringcast_webhook_pending{webhook=\"dead\"}",
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
+    assert_eq!(
+        h.shared().webhooks[2].cursor(),
+        0,
+        "nothing reached the dead receiver"
+    );
+    wait_for(10, "a failed attempt against the dead receiver", || {
+        (h.shared().webhooks[2].failures() > 0).then_some(())
+    })
+    .await;
     tokio::time::timeout(WAIT, h.shutdown())
         .await
         .expect("controller with webhooks shuts down in time");
