@@ -870,6 +870,7 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
     for l in ring_lines {
         let _ = writeln!(out, "{l}");
     }
+    crate::webhook::render_metrics(&mut out, s.audit.head_seq(), &s.webhooks);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 

@@ -92,6 +92,9 @@ struct Head {
 pub struct AuditLog {
     tree: sled::Tree,
     head: Mutex<(u64, String)>,
+    // The seq of the last appended entry, so readers that tail the log (webhooks) wake on
+    // every append without polling.
+    appended: tokio::sync::watch::Sender<u64>,
 }
 
 fn entry_key(seq: u64) -> [u8; 9] {
@@ -114,8 +117,38 @@ impl AuditLog {
         };
         Ok(AuditLog {
             tree,
+            appended: tokio::sync::watch::Sender::new(head.0),
             head: Mutex::new(head),
         })
+    }
+
+    /// The seq of the last entry (0 for an empty log).
+    pub fn head_seq(&self) -> u64 {
+        *self.appended.borrow()
+    }
+
+    /// A receiver that sees the seq of the last entry change on every append.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    /// Up to `limit` stored entries with seq above `after`, in order.
+    pub fn entries_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+        let start = entry_key(after.saturating_add(1));
+        let end = entry_key(u64::MAX);
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..=end).take(limit) {
+            let (k, v) = kv?;
+            let seq = k
+                .get(1..9)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_be_bytes);
+            let body = v.get(64..).unwrap_or_default();
+            let e: AuditEntry = serde_json::from_slice(body)
+                .map_err(|e| Error::corrupt(format!("audit entry {seq}"), e))?;
+            out.push(e);
+        }
+        Ok(out)
     }
 
     /// Append one entry atomically with the new head; returns its seq.
@@ -148,6 +181,8 @@ impl AuditLog {
         self.tree.apply_batch(batch)?;
         tracing::info!(seq = entry.seq, action = %entry.action, actor = %entry.actor, outcome = %entry.outcome, rollout_id = entry.rollout_id.as_deref().unwrap_or(""), "audit");
         *head = (entry.seq, hash);
+        // Sent while the head lock is held, so subscribers see seqs in order.
+        self.appended.send_replace(entry.seq);
         Ok(entry.seq)
     }
 
@@ -299,6 +334,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!(verify(&a2.export().unwrap()).unwrap().len(), 6);
+    }
+
+    #[test]
+    fn entries_after_reads_in_order_and_subscribers_see_appends() {
+        let (_d, _db, a) = log_with(5);
+        let mut rx = a.subscribe();
+        assert_eq!(a.head_seq(), 5);
+        let seqs: Vec<u64> = a
+            .entries_after(2, 2)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [3, 4]);
+        assert!(a.entries_after(5, 10).unwrap().is_empty());
+        assert!(!rx.has_changed().unwrap());
+        a.append(
+            ringcast_proto::testkit::now(),
+            Record::auto("halt", "r1", None, "x"),
+        )
+        .unwrap();
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 6);
+        assert_eq!(a.entries_after(5, 10).unwrap()[0].action, "halt");
     }
 
     #[test]

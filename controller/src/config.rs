@@ -24,6 +24,9 @@ pub struct ControllerConfig {
     /// API tokens given inline (in addition to `server.tokens_file`).
     #[serde(default, rename = "token")]
     pub tokens: Vec<TokenEntry>,
+    /// Webhooks that receive every audit event, HMAC-signed (`[[webhooks]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 /// Fleet-wide policy.
@@ -249,6 +252,111 @@ fn default_client_id() -> String {
     "ringcast-controller".into()
 }
 
+/// One webhook: audit events are POSTed to `url`, signed with the secret in `secret_file`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Unique name, `[a-z0-9_-]` (logs, metrics, the delivery cursor's key).
+    pub name: String,
+    /// `http://` or `https://` URL that receives the POSTs.
+    pub url: String,
+    /// File holding the HMAC secret (at least 16 bytes; a trailing newline is trimmed).
+    pub secret_file: PathBuf,
+    /// Audit actions to deliver; absent = all.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+    /// Timeout of one delivery attempt.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout: Dur,
+    /// First retry delay; doubles per failed attempt.
+    #[serde(default = "default_webhook_retry_min")]
+    pub retry_min: Dur,
+    /// Longest retry delay.
+    #[serde(default = "default_webhook_retry_max")]
+    pub retry_max: Dur,
+}
+
+fn default_webhook_timeout() -> Dur {
+    Dur::secs(10)
+}
+fn default_webhook_retry_min() -> Dur {
+    Dur::secs(1)
+}
+fn default_webhook_retry_max() -> Dur {
+    Dur::secs(300)
+}
+
+impl WebhookConfig {
+    fn validate(&self, file: &str, at: &str) -> Result<()> {
+        let f = |n: &str| format!("{at}.{n}");
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+        {
+            return Err(cfg_err(
+                file,
+                f("name"),
+                format!("{:?} is not 1-64 of [a-z0-9_-]", self.name),
+            ));
+        }
+        let url_ok = reqwest::Url::parse(&self.url).is_ok_and(|u| {
+            matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
+        });
+        if !url_ok {
+            return Err(cfg_err(
+                file,
+                f("url"),
+                format!("{:?} is not an http(s) URL", self.url),
+            ));
+        }
+        if self.events.as_ref().is_some_and(|e| e.is_empty()) {
+            return Err(cfg_err(
+                file,
+                f("events"),
+                "an empty list delivers nothing; omit `events` to deliver all",
+            ));
+        }
+        for (n, d) in [
+            ("timeout", self.timeout),
+            ("retry_min", self.retry_min),
+            ("retry_max", self.retry_max),
+        ] {
+            if d.get().is_zero() {
+                return Err(cfg_err(file, f(n), "must be above zero"));
+            }
+        }
+        if self.retry_max.get() < self.retry_min.get() {
+            return Err(cfg_err(file, f("retry_max"), "must be at least retry_min"));
+        }
+        Ok(())
+    }
+
+    /// Read the secret (trailing newline trimmed); errors name `{at}.secret_file`.
+    pub fn load_secret(&self, at: &str) -> Result<Vec<u8>> {
+        let field = format!("{at}.secret_file");
+        let file = self.secret_file.display().to_string();
+        let mut secret = std::fs::read(&self.secret_file)
+            .map_err(|e| cfg_err(&file, &field, format!("cannot read: {e}")))?;
+        if secret.last() == Some(&b'\n') {
+            secret.pop();
+            if secret.last() == Some(&b'\r') {
+                secret.pop();
+            }
+        }
+        if secret.len() < 16 {
+            return Err(cfg_err(
+                &file,
+                &field,
+                format!("secret is {} bytes; at least 16 are required", secret.len()),
+            ));
+        }
+        Ok(secret)
+    }
+}
+
 /// API roles, ordered: `viewer` < `operator` < `approver`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -352,6 +460,11 @@ impl ControllerConfig {
                 *t = base.join(&*t);
             }
         }
+        for w in &mut c.webhooks {
+            if w.secret_file.is_relative() {
+                w.secret_file = base.join(&w.secret_file);
+            }
+        }
         c.validate(file)?;
         Ok(c)
     }
@@ -377,6 +490,18 @@ impl ControllerConfig {
         }
         for (i, t) in self.tokens.iter().enumerate() {
             t.validate(file, &format!("token[{i}]"))?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, w) in self.webhooks.iter().enumerate() {
+            let at = format!("webhooks[{i}]");
+            w.validate(file, &at)?;
+            if !names.insert(w.name.as_str()) {
+                return Err(cfg_err(
+                    file,
+                    format!("{at}.name"),
+                    format!("webhook {:?} appears twice", w.name),
+                ));
+            }
         }
         Ok(())
     }

@@ -94,6 +94,8 @@ impl Controller {
             std::fs::read(&config.server.trust).map_err(|e| Error::io(&config.server.trust, e))?;
         let trust = TrustRoot::from_bytes_self_signed(&trust_bytes)?;
         let key = load_key(&config.server.controller_key)?;
+        // Secrets are read before anything starts, so a bad one stops startup naming its field.
+        let webhooks = crate::webhook::load(&config.webhooks)?;
         if !trust.roles.controller.keyids.contains(key.key_id()) {
             return Err(Error::Config {
                 file: config.server.controller_key.display().to_string(),
@@ -145,6 +147,8 @@ impl Controller {
 
         let store = Store::open(&config.server.data_dir)?;
         let audit = store.audit()?;
+        // Before the engine runs, so a new webhook's start point precedes any new entry.
+        crate::webhook::init_cursors(&webhooks, &store, audit.head_seq()).await?;
         let artifacts = ArtifactStore::open(&config.server.data_dir)?;
         let state = engine::load_state(&store)?;
         let devices = store
@@ -170,6 +174,7 @@ impl Controller {
             artifacts,
             tokens,
             max_artifact_bytes: config.server.max_artifact_bytes,
+            webhooks: webhooks.iter().map(|w| w.status()).collect(),
             policy,
         });
 
@@ -211,6 +216,9 @@ impl Controller {
             handle.clone(),
             shutdown_rx.clone(),
         )));
+        for w in webhooks {
+            tasks.push(tokio::spawn(w.run(shared.clone(), shutdown_rx.clone())));
+        }
         let mut http_shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move {

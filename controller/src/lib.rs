@@ -10,6 +10,7 @@
 //! - [`store`], [`model`], [`artifacts`], [`fsutil`]: persistence.
 //! - [`broker`]: the embedded rumqttd.
 //! - [`client`]: the HTTP client the CLI uses.
+//! - [`webhook`]: HMAC-signed webhooks fed from the audit log.
 //! - [`demo`]: `ringcast demo`, and the in-process fleet of real agents the simulator and
 //!   the end-to-end scenarios share.
 
@@ -31,6 +32,7 @@ pub mod model;
 pub mod mqtt;
 pub mod shared;
 pub mod store;
+pub mod webhook;
 
 pub use config::ControllerConfig;
 pub use controller::{Controller, ControllerHandle};

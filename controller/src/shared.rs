@@ -64,4 +64,6 @@ pub struct Shared {
     pub tokens: Vec<TokenEntry>,
     /// Largest accepted artifact upload.
     pub max_artifact_bytes: u64,
+    /// Webhook delivery progress (for `/metrics`).
+    pub webhooks: Vec<Arc<crate::webhook::WebhookStatus>>,
 }

@@ -24,6 +24,7 @@ pub struct Store {
     /// Events by id (dedupe and evidence).
     pub events: sled::Tree,
     meta: sled::Tree,
+    webhooks: sled::Tree,
 }
 
 fn enc<T: Serialize>(what: &str, v: &T) -> Result<Vec<u8>> {
@@ -72,6 +73,7 @@ impl Store {
             devices: db.open_tree("devices")?,
             events: db.open_tree("events")?,
             meta: db.open_tree("meta")?,
+            webhooks: db.open_tree("webhooks")?,
             db,
         })
     }
@@ -151,6 +153,20 @@ impl Store {
     /// Write a meta value.
     pub fn set_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<()> {
         self.meta.insert(key, enc("meta", v)?)?;
+        Ok(())
+    }
+
+    /// The last audit seq delivered to webhook `name` (None: never started).
+    pub fn webhook_cursor(&self, name: &str) -> Result<Option<u64>> {
+        self.webhooks
+            .get(name)?
+            .map(|v| dec("webhook cursor", name.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Record that webhook `name` has delivered everything up to audit seq `seq`.
+    pub fn set_webhook_cursor(&self, name: &str, seq: u64) -> Result<()> {
+        self.webhooks.insert(name, enc("webhook cursor", &seq)?)?;
         Ok(())
     }
 }

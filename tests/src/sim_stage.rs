@@ -311,6 +311,7 @@ impl Stage {
             },
             broker: Some(broker_cfg),
             tokens: Vec::new(),
+            webhooks: Vec::new(),
         };
         let mut config = config;
         let controller = Controller::start(config.clone(), Arc::new(clock.clone()))

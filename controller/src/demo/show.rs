@@ -370,6 +370,7 @@ async fn setup(opts: &Options, screen: &mut Screen) -> Result<World> {
                 sha256: None,
             },
         ],
+        webhooks: Vec::new(),
     };
     let controller = Controller::start(config, Arc::new(SystemClock)).await?;
     screen.say(&format!(

@@ -120,6 +120,7 @@ impl World {
                 tok("otto", ApiRole::Operator, OPERATOR),
                 tok("alice", ApiRole::Approver, APPROVER),
             ],
+            webhooks: Vec::new(),
         }
     }
 
