@@ -485,9 +485,9 @@ pub struct UploadQuery {
 }
 
 /// After refusing an upload, how much of the rest of the body is still read and thrown away
-/// (and for how long) before answering. Closing a socket with unread bytes makes the kernel
-/// send a reset that can destroy the answer before the client reads it; a short, bounded
-/// drain lets an ordinary client see the 413/422 and its reason.
+/// (and for how long), after the answer is sent. Closing a socket with unread bytes makes the
+/// kernel send a reset that can destroy the answer before the client reads it; a short,
+/// bounded drain lets an ordinary client see the 413/422 and its reason.
 const REFUSED_DRAIN_BYTES: u64 = 4 * 1024 * 1024;
 const REFUSED_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -502,10 +502,11 @@ async fn upload_artifact(
     match receive_upload(&app, &headers, &uri, &mut stream, &mut ended).await {
         Ok(up) => Json(up).into_response(),
         Err(e) => {
-            let drained = ended || drain_refused(&mut stream).await;
             let mut resp = e.into_response();
-            if !drained {
-                // Unread bytes remain: tell the client this connection is done.
+            if !ended {
+                // Answer now; hyper keeps reading the body for as long as someone holds it,
+                // so the drain runs alongside the answer, then the connection closes.
+                tokio::spawn(drain_refused(stream));
                 resp.headers_mut().insert(
                     header::CONNECTION,
                     header::HeaderValue::from_static("close"),
@@ -516,22 +517,15 @@ async fn upload_artifact(
     }
 }
 
-/// Read and discard what is left of a refused body, within `REFUSED_DRAIN_*`. True when the
-/// body ended.
-async fn drain_refused(stream: &mut axum::body::BodyDataStream) -> bool {
+/// Read and discard what is left of a refused body, within `REFUSED_DRAIN_*`.
+async fn drain_refused(mut stream: axum::body::BodyDataStream) {
     use futures_util::StreamExt;
     let deadline = tokio::time::Instant::now() + REFUSED_DRAIN_TIME;
     let mut n = 0u64;
-    loop {
-        match tokio::time::timeout_at(deadline, stream.next()).await {
-            Ok(None) => return true,
-            Ok(Some(Ok(chunk))) => {
-                n += chunk.len() as u64;
-                if n > REFUSED_DRAIN_BYTES {
-                    return false;
-                }
-            }
-            Ok(Some(Err(_))) | Err(_) => return false,
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, stream.next()).await {
+        n += chunk.len() as u64;
+        if n > REFUSED_DRAIN_BYTES {
+            break;
         }
     }
 }
