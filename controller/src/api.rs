@@ -10,7 +10,7 @@
 //! | GET | `/api/v1/releases` | viewer | releases, with `blocked` reasons |
 //! | POST | `/api/v1/releases` | operator | `{envelope, start_at?, activate_at?}`: verify against the trust root, create the rollout |
 //! | POST | `/api/v1/releases/{id}/unblock` | approver | offer a halted release again |
-//! | PUT | `/api/v1/artifacts` | operator | raw body into the content-addressed store |
+//! | PUT | `/api/v1/artifacts?sha256=&size=` | operator | raw body, streamed into the content-addressed store; checked against the optional declared digest and size |
 //! | GET | `/api/v1/rollouts`, `/api/v1/rollouts/{id}` | viewer | state, per-ring tallies |
 //! | POST | `/api/v1/rollouts/{id}/approve` | approver | `{ring?}`: approve a `manual` ring |
 //! | POST | `/api/v1/rollouts/{id}/pause\|resume\|abort` | operator | |
@@ -20,7 +20,9 @@
 //! | GET | `/metrics` | — | Prometheus text |
 //! | GET | `/artifacts/sha256/{hex}` | — | artifact bytes, `Range` supported |
 //!
-//! Errors are `{"error": "<stable code>", "detail": "…"}` with 401, 403, 404, 409, 422 or 500.
+//! Errors are `{"error": "<stable code>", "detail": "…"}` with 401, 403, 404, 409, 422 or 500;
+//! an upload can also get 413 (`too_large`), 422 (`size_mismatch`, `digest_mismatch`) or 408
+//! (`upload_stalled`).
 
 use crate::artifacts::{is_sha256_hex, parse_range, Declared, RangeReq, UploadError};
 use crate::audit::Record;
@@ -491,6 +493,9 @@ pub struct UploadQuery {
 const REFUSED_DRAIN_BYTES: u64 = 4 * 1024 * 1024;
 const REFUSED_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// An upload that sends nothing for this long is refused (`upload_stalled`, 408).
+const UPLOAD_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn upload_artifact(
     State(app): State<App>,
     headers: HeaderMap,
@@ -537,7 +542,6 @@ async fn receive_upload(
     stream: &mut axum::body::BodyDataStream,
     ended: &mut bool,
 ) -> ApiResult<UploadResponse> {
-    use futures_util::StreamExt;
     let actor = authorize(app, headers, ApiRole::Operator, "artifact_upload", None)?;
     let q = Query::<UploadQuery>::try_from_uri(uri)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text()))?
@@ -563,13 +567,7 @@ async fn receive_upload(
         .artifacts
         .begin_upload(declared, app.shared.max_artifact_bytes, content_length)
         .await?;
-    loop {
-        match stream.next().await {
-            Some(Ok(chunk)) => up.write(&chunk).await?,
-            Some(Err(e)) => return Err(UploadError::Interrupted(e.to_string()).into()),
-            None => break,
-        }
-    }
+    up.pump(stream, UPLOAD_STALL).await?;
     *ended = true;
     let stored = up.finish().await?;
     let _ = app.shared.audit.append(
@@ -599,6 +597,7 @@ impl From<UploadError> for ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             UploadError::Interrupted(_) => StatusCode::BAD_REQUEST,
+            UploadError::Stalled { .. } => StatusCode::REQUEST_TIMEOUT,
             UploadError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if !matches!(e, UploadError::Interrupted(_)) {

@@ -9,6 +9,7 @@
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 /// Artifacts by SHA-256.
@@ -174,6 +175,14 @@ pub enum UploadError {
     /// The request body broke off (client gone, connection reset).
     #[error("upload interrupted: {0}")]
     Interrupted(String),
+    /// No byte arrived for too long.
+    #[error("upload stalled: nothing received for {secs} s after {seen} bytes")]
+    Stalled {
+        /// The stall timeout, in seconds.
+        secs: f64,
+        /// Bytes received before the stall.
+        seen: u64,
+    },
     /// The store could not write.
     #[error(transparent)]
     Store(#[from] Error),
@@ -187,6 +196,7 @@ impl UploadError {
             UploadError::SizeMismatch { .. } => "size_mismatch",
             UploadError::DigestMismatch { .. } => "digest_mismatch",
             UploadError::Interrupted(_) => "upload_interrupted",
+            UploadError::Stalled { .. } => "upload_stalled",
             UploadError::Store(e) => e.code(),
         }
     }
@@ -266,6 +276,30 @@ impl Upload {
             .write_all(chunk)
             .await
             .map_err(|e| self.io_error(e))
+    }
+
+    /// Write every chunk of `body` until it ends. A body that sends nothing for `stall` is
+    /// refused (`upload_stalled`) rather than holding its temp file open forever.
+    pub async fn pump<S, B, E>(&mut self, body: &mut S, stall: Duration) -> Result<(), UploadError>
+    where
+        S: futures_util::Stream<Item = std::result::Result<B, E>> + Unpin,
+        B: AsRef<[u8]>,
+        E: std::fmt::Display,
+    {
+        use futures_util::StreamExt;
+        loop {
+            match tokio::time::timeout(stall, body.next()).await {
+                Ok(Some(Ok(chunk))) => self.write(chunk.as_ref()).await?,
+                Ok(Some(Err(e))) => return Err(UploadError::Interrupted(e.to_string())),
+                Ok(None) => return Ok(()),
+                Err(_) => {
+                    return Err(UploadError::Stalled {
+                        secs: stall.as_secs_f64(),
+                        seen: self.seen,
+                    })
+                }
+            }
+        }
     }
 
     /// Bytes written so far.
@@ -513,6 +547,27 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code(), "too_large");
+        assert!(names(&s).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_that_goes_quiet_is_refused_as_stalled() {
+        use futures_util::StreamExt;
+        let d = tempfile::tempdir().unwrap();
+        let s = ArtifactStore::open(d.path()).unwrap();
+        let mut up = s
+            .begin_upload(Declared::default(), 100, None)
+            .await
+            .unwrap();
+        let mut body = futures_util::stream::iter([Ok::<_, std::io::Error>(vec![1u8; 10])])
+            .chain(futures_util::stream::pending());
+        let e = up
+            .pump(&mut body, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "upload_stalled");
+        assert_eq!(up.seen(), 10);
+        drop(up);
         assert!(names(&s).is_empty());
     }
 
