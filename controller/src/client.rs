@@ -125,6 +125,17 @@ impl Client {
         };
         let file = tokio::fs::File::open(path).await.map_err(local)?;
         let len = file.metadata().await.map_err(local)?.len();
+        // A wrong-sized file would be refused after its first bytes, and the controller stops
+        // reading a refused body after a few MiB, which can turn its answer into a reset: say
+        // it here instead, before sending anything.
+        if let Some((_, size)) = declared.filter(|&(_, size)| size != len) {
+            return Err(ClientError::File {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "size_mismatch: the file has {len} bytes, the release declares {size}"
+                ),
+            });
+        }
         let mut rb = self.req(reqwest::Method::PUT, "/api/v1/artifacts");
         if let Some((sha256, size)) = declared {
             rb = rb.query(&[("sha256", sha256.to_owned()), ("size", size.to_string())]);

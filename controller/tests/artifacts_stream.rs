@@ -270,24 +270,39 @@ async fn wrong_digest_or_short_upload_is_refused_and_leaves_nothing() {
     );
     assert!(store_names(&w).is_empty(), "{:?}", store_names(&w));
 
-    // Declared one byte longer than the file: Content-Length already says it is short.
+    // The client refuses a file whose size is not the declared one before sending it.
     let e = op
         .upload_artifact_file(&file, Some((&sha, size + 1)))
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, ClientError::Api { status: 422, code, .. } if code == "size_mismatch"),
+        matches!(&e, ClientError::File { .. }) && e.to_string().contains("size_mismatch"),
         "{e}"
     );
-    // Declared one byte shorter: the last chunk goes past it.
-    let e = op
-        .upload_artifact_file(&file, Some((&sha, size - 1)))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&e, ClientError::Api { status: 413, code, .. } if code == "too_large"),
-        "{e}"
-    );
+    // The controller refuses the same on its own, from Content-Length, before reading.
+    let bytes = std::fs::read(&file).unwrap();
+    let put = |declared: u64| {
+        reqwest::Client::new()
+            .put(format!(
+                "{}/api/v1/artifacts?sha256={sha}&size={declared}",
+                h.http_url()
+            ))
+            .bearer_auth(OPERATOR)
+            .body(bytes.clone())
+            .send()
+    };
+    for (declared, status, code) in [
+        (size + 1, 422, "size_mismatch"),
+        (size - 1, 413, "too_large"),
+    ] {
+        let resp = tokio::time::timeout(WAIT, put(declared))
+            .await
+            .expect("refusal in time")
+            .unwrap();
+        assert_eq!(resp.status(), status, "declared {declared}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], code, "{body}");
+    }
     assert!(store_names(&w).is_empty(), "{:?}", store_names(&w));
 
     // A viewer may not upload, and nothing is written for it either.
