@@ -10,7 +10,7 @@
 //! | GET | `/api/v1/releases` | viewer | releases, with `blocked` reasons |
 //! | POST | `/api/v1/releases` | operator | `{envelope, start_at?, activate_at?}`: verify against the trust root, create the rollout |
 //! | POST | `/api/v1/releases/{id}/unblock` | approver | offer a halted release again |
-//! | PUT | `/api/v1/artifacts` | operator | raw body into the content-addressed store |
+//! | PUT | `/api/v1/artifacts?sha256=&size=` | operator | raw body, streamed into the content-addressed store; checked against the optional declared digest and size |
 //! | GET | `/api/v1/rollouts`, `/api/v1/rollouts/{id}` | viewer | state, per-ring tallies |
 //! | POST | `/api/v1/rollouts/{id}/approve` | approver | `{ring?}`: approve a `manual` ring |
 //! | POST | `/api/v1/rollouts/{id}/pause\|resume\|abort` | operator | |
@@ -20,9 +20,11 @@
 //! | GET | `/metrics` | — | Prometheus text |
 //! | GET | `/artifacts/sha256/{hex}` | — | artifact bytes, `Range` supported |
 //!
-//! Errors are `{"error": "<stable code>", "detail": "…"}` with 401, 403, 404, 409, 422 or 500.
+//! Errors are `{"error": "<stable code>", "detail": "…"}` with 401, 403, 404, 409, 422 or 500;
+//! an upload can also get 413 (`too_large`), 422 (`size_mismatch`, `digest_mismatch`) or 408
+//! (`upload_stalled`).
 
-use crate::artifacts::{is_sha256_hex, parse_range, RangeReq};
+use crate::artifacts::{is_sha256_hex, parse_range, Declared, RangeReq, UploadError};
 use crate::audit::Record;
 use crate::config::{ApiRole, Promotion};
 use crate::engine::{self, Actor, EngineHandle, RolloutAction, Submit};
@@ -32,7 +34,7 @@ use crate::model::{
 };
 use crate::shared::Shared;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -113,17 +115,14 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// Build the router.
 pub fn router(app: App) -> Router {
-    let max = usize::try_from(app.shared.max_artifact_bytes).unwrap_or(usize::MAX);
     Router::new()
         .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/artifacts/sha256/{hex}", get(artifact))
         .route("/api/v1/releases", get(list_releases).post(submit_release))
         .route("/api/v1/releases/{id}/unblock", post(unblock_release))
-        .route(
-            "/api/v1/artifacts",
-            put(upload_artifact).layer(DefaultBodyLimit::max(max)),
-        )
+        // The upload streams its body and enforces `max_artifact_bytes` itself.
+        .route("/api/v1/artifacts", put(upload_artifact))
         .route("/api/v1/rollouts", get(list_rollouts))
         .route("/api/v1/rollouts/{id}", get(show_rollout))
         .route("/api/v1/rollouts/{id}/{action}", post(act_rollout))
@@ -475,19 +474,102 @@ pub struct UploadResponse {
     pub url: String,
 }
 
+/// Query of `PUT /api/v1/artifacts`: what the bytes must be, from the signed release.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadQuery {
+    /// Declared SHA-256 (hex).
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Declared size in bytes.
+    #[serde(default)]
+    pub size: Option<u64>,
+}
+
+/// After refusing an upload, how much of the rest of the body is still read and thrown away
+/// (and for how long), after the answer is sent. Closing a socket with unread bytes makes the
+/// kernel send a reset that can destroy the answer before the client reads it; a short,
+/// bounded drain lets an ordinary client see the 413/422 and its reason.
+const REFUSED_DRAIN_BYTES: u64 = 4 * 1024 * 1024;
+const REFUSED_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// An upload that sends nothing for this long is refused (`upload_stalled`, 408).
+const UPLOAD_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn upload_artifact(
     State(app): State<App>,
     headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Json<UploadResponse>> {
-    let actor = authorize(&app, &headers, ApiRole::Operator, "artifact_upload", None)?;
-    let store = app.shared.artifacts.clone();
-    let size = body.len() as u64;
-    let hex = tokio::task::spawn_blocking(move || store.put(&body))
-        .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
+    uri: axum::http::Uri,
+    body: axum::body::Body,
+) -> Response {
+    let mut stream = body.into_data_stream();
+    let mut ended = false;
+    match receive_upload(&app, &headers, &uri, &mut stream, &mut ended).await {
+        Ok(up) => Json(up).into_response(),
+        Err(e) => {
+            let mut resp = e.into_response();
+            if !ended {
+                // Answer now; hyper keeps reading the body for as long as someone holds it,
+                // so the drain runs alongside the answer, then the connection closes.
+                tokio::spawn(drain_refused(stream));
+                resp.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+            }
+            resp
+        }
+    }
+}
+
+/// Read and discard what is left of a refused body, within `REFUSED_DRAIN_*`.
+async fn drain_refused(mut stream: axum::body::BodyDataStream) {
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + REFUSED_DRAIN_TIME;
+    let mut n = 0u64;
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, stream.next()).await {
+        n += chunk.len() as u64;
+        if n > REFUSED_DRAIN_BYTES {
+            break;
+        }
+    }
+}
+
+async fn receive_upload(
+    app: &App,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+    stream: &mut axum::body::BodyDataStream,
+    ended: &mut bool,
+) -> ApiResult<UploadResponse> {
+    let actor = authorize(app, headers, ApiRole::Operator, "artifact_upload", None)?;
+    let q = Query::<UploadQuery>::try_from_uri(uri)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text()))?
+        .0;
+    let sha256 = q.sha256.map(|h| h.to_ascii_lowercase());
+    if let Some(h) = sha256.as_deref().filter(|h| !is_sha256_hex(h)) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            format!("sha256 {h:?} is not 64 hex characters"),
+        ));
+    }
+    let declared = Declared {
+        sha256,
+        size: q.size,
+    };
+    let content_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut up = app
+        .shared
+        .artifacts
+        .begin_upload(declared, app.shared.max_artifact_bytes, content_length)
+        .await?;
+    up.pump(stream, UPLOAD_STALL).await?;
+    *ended = true;
+    let stored = up.finish().await?;
     let _ = app.shared.audit.append(
         app.shared.clock.now(),
         Record {
@@ -497,14 +579,32 @@ async fn upload_artifact(
             outcome: "ok".into(),
             rollout_id: None,
             ring: None,
-            detail: format!("sha256 {hex}, {size} bytes"),
+            detail: format!("sha256 {}, {} bytes", stored.sha256, stored.size),
         },
     );
-    Ok(Json(UploadResponse {
-        url: format!("/artifacts/sha256/{hex}"),
-        sha256: hex,
-        size,
-    }))
+    Ok(UploadResponse {
+        url: format!("/artifacts/sha256/{}", stored.sha256),
+        sha256: stored.sha256,
+        size: stored.size,
+    })
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> ApiError {
+        let status = match &e {
+            UploadError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UploadError::SizeMismatch { .. } | UploadError::DigestMismatch { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            UploadError::Interrupted(_) => StatusCode::BAD_REQUEST,
+            UploadError::Stalled { .. } => StatusCode::REQUEST_TIMEOUT,
+            UploadError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if !matches!(e, UploadError::Interrupted(_)) {
+            tracing::warn!(code = e.code(), error = %e, "artifact upload refused");
+        }
+        ApiError::new(status, e.code(), e.to_string())
+    }
 }
 
 async fn list_rollouts(
@@ -722,69 +822,80 @@ async fn insight(
     Ok(Json(engine::insight::summary(&st, app.shared.clock.now())))
 }
 
+/// Read buffer of an artifact download: memory per download is this, whatever the size.
+const DOWNLOAD_CHUNK: usize = 64 * 1024;
+
+/// `GET /artifacts/sha256/{hex}` (and HEAD, which axum routes here and answers without the
+/// body): the file streamed from disk, whole or one `Range`.
 async fn artifact(State(app): State<App>, headers: HeaderMap, Path(hex): Path<String>) -> Response {
-    if !is_sha256_hex(&hex) {
-        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "not a sha256").into_response();
-    }
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let Some(path) = app.shared.artifacts.path(&hex) else {
-        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such artifact")
-            .into_response();
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "not a sha256").into_response();
     };
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let read = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, RangeReq, Vec<u8>)> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = std::fs::File::open(&path)?;
-        let len = f.metadata()?.len();
-        let req = parse_range(range.as_deref(), len);
-        let (start, end) = match req {
-            RangeReq::Full => (0, len.saturating_sub(1)),
-            RangeReq::Part(s, e) => (s, e),
-            RangeReq::Unsatisfiable => return Ok((len, req, Vec::new())),
-        };
-        let n = if len == 0 { 0 } else { end - start + 1 };
-        f.seek(SeekFrom::Start(start))?;
-        let mut buf = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
-        f.take(n).read_to_end(&mut buf)?;
-        Ok((len, req, buf))
-    })
-    .await;
-    match read {
-        Ok(Ok((len, RangeReq::Unsatisfiable, _))) => (
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            [(header::CONTENT_RANGE, format!("bytes */{len}"))],
-        )
-            .into_response(),
-        Ok(Ok((len, RangeReq::Part(s, e), buf))) => (
-            StatusCode::PARTIAL_CONTENT,
-            [
-                (header::CONTENT_RANGE, format!("bytes {s}-{e}/{len}")),
-                (header::ACCEPT_RANGES, "bytes".to_owned()),
-                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            ],
-            buf,
-        )
-            .into_response(),
-        Ok(Ok((_, RangeReq::Full, buf))) => (
-            StatusCode::OK,
-            [
-                (header::ACCEPT_RANGES, "bytes".to_owned()),
-                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            ],
-            buf,
-        )
-            .into_response(),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such artifact").into_response()
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let opened = async {
+        let mut f = tokio::fs::File::open(&path).await?;
+        // Length from the open handle: an artifact is renamed into place whole and never
+        // rewritten, so it cannot change under the reader.
+        let len = f.metadata().await?.len();
+        let req = parse_range(range, len);
+        if let RangeReq::Part(start, _) = req {
+            f.seek(std::io::SeekFrom::Start(start)).await?;
         }
-        Ok(Err(e)) => {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()).into_response()
-        }
-        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            .into_response(),
+        Ok::<_, std::io::Error>((f, len, req))
     }
+    .await;
+    let (f, len, req) = match opened {
+        Ok(v) => v,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such artifact")
+                .into_response()
+        }
+        Err(e) => {
+            return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string())
+                .into_response()
+        }
+    };
+    let (status, start, n) = match req {
+        RangeReq::Unsatisfiable => {
+            return (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [
+                    (header::CONTENT_RANGE, format!("bytes */{len}")),
+                    (header::ACCEPT_RANGES, "bytes".to_owned()),
+                ],
+            )
+                .into_response()
+        }
+        RangeReq::Full => (StatusCode::OK, 0, len),
+        RangeReq::Part(s, e) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
+    };
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        f.take(n),
+        DOWNLOAD_CHUNK,
+    ));
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCEPT_RANGES,
+        header::HeaderValue::from_static("bytes"),
+    );
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    // A streamed body has no size of its own; say it, so clients see progress and a short
+    // read is detectable (hyper also refuses to send more or fewer bytes than this).
+    h.insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) =
+            header::HeaderValue::from_str(&format!("bytes {start}-{}/{len}", start + n - 1))
+        {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    resp
 }
 
 fn esc(s: &str) -> String {

@@ -18,6 +18,14 @@ pub enum ClientError {
         /// Cause.
         detail: String,
     },
+    /// A local file could not be read.
+    #[error("{}: {detail}", path.display())]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Cause.
+        detail: String,
+    },
     /// The server refused.
     #[error("{code}: {detail} (HTTP {status})")]
     Api {
@@ -29,6 +37,9 @@ pub enum ClientError {
         detail: String,
     },
 }
+
+/// Read size of a streamed upload.
+const UPLOAD_CHUNK: usize = 64 * 1024;
 
 /// A controller API client.
 #[derive(Debug, Clone)]
@@ -90,13 +101,52 @@ impl Client {
         })
     }
 
-    /// Upload an artifact.
+    /// Upload an artifact held in memory (small ones: tests, the demo).
     pub async fn upload_artifact(&self, bytes: Vec<u8>) -> Result<UploadResponse, ClientError> {
         self.send(
             self.req(reqwest::Method::PUT, "/api/v1/artifacts")
                 .body(bytes),
         )
         .await
+    }
+
+    /// Upload an artifact file, streamed from disk in constant memory. With `declared`
+    /// (sha256 hex, size), normally the signed release's `artifact`, the controller refuses
+    /// bytes that do not match (`too_large`, `size_mismatch`, `digest_mismatch`) and stores
+    /// nothing.
+    pub async fn upload_artifact_file(
+        &self,
+        path: &std::path::Path,
+        declared: Option<(&str, u64)>,
+    ) -> Result<UploadResponse, ClientError> {
+        let local = |e: std::io::Error| ClientError::File {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        };
+        let file = tokio::fs::File::open(path).await.map_err(local)?;
+        let len = file.metadata().await.map_err(local)?.len();
+        // A wrong-sized file would be refused after its first bytes, and the controller stops
+        // reading a refused body after a few MiB, which can turn its answer into a reset: say
+        // it here instead, before sending anything.
+        if let Some((_, size)) = declared.filter(|&(_, size)| size != len) {
+            return Err(ClientError::File {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "size_mismatch: the file has {len} bytes, the release declares {size}"
+                ),
+            });
+        }
+        let mut rb = self.req(reqwest::Method::PUT, "/api/v1/artifacts");
+        if let Some((sha256, size)) = declared {
+            rb = rb.query(&[("sha256", sha256.to_owned()), ("size", size.to_string())]);
+        }
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            UPLOAD_CHUNK,
+        ));
+        // The length lets the controller refuse a wrong-sized file before reading it.
+        self.send(rb.header(reqwest::header::CONTENT_LENGTH, len).body(body))
+            .await
     }
 
     /// Submit a release.

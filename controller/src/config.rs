@@ -194,7 +194,9 @@ pub struct ServerConfig {
     /// Public base URL agents use for artifacts (informational; agents are configured).
     #[serde(default)]
     pub public_url: Option<String>,
-    /// Largest artifact accepted by upload.
+    /// Largest artifact accepted by upload, a safety cap: uploads stream to a temp file and
+    /// downloads stream from the file, so memory does not grow with it, but `data_dir` needs
+    /// this much free space per upload in flight. Default 8 GiB.
     #[serde(default = "default_max_artifact")]
     pub max_artifact_bytes: u64,
 }
@@ -203,7 +205,7 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8480))
 }
 fn default_max_artifact() -> u64 {
-    512 * 1024 * 1024
+    8 * 1024 * 1024 * 1024
 }
 
 /// External MQTT broker.

@@ -30,18 +30,22 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
     let envelope = ringcast_proto::Envelope::from_slice(&bytes)
         .with_context(|| format!("{} is not a release envelope", args.release.display()))?;
     let c = args.conn.client();
-    let artifact = match &args.artifact {
-        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
-        None => None,
-    };
+    // The signed release says what the artifact is; the controller checks the streamed bytes
+    // against it. Read unverified here: the controller verifies the signatures on submit.
+    let release = ringcast_proto::Release::parse(&envelope.payload)
+        .with_context(|| format!("{} does not hold a release", args.release.display()))?;
+    let declared = (release.artifact.sha256.clone(), release.artifact.size);
     let req = SubmitRequest {
         envelope,
         start_at: args.start_at,
         activate_at: args.activate_at,
     };
     let (up, resp) = block_on(async {
-        let up = match artifact {
-            Some(a) => Some(c.upload_artifact(a).await?),
+        let up = match &args.artifact {
+            Some(p) => Some(
+                c.upload_artifact_file(p, Some((declared.0.as_str(), declared.1)))
+                    .await?,
+            ),
             None => None,
         };
         let resp = c.submit(&req).await?;
