@@ -342,6 +342,26 @@ impl WebhookConfig {
         let file = self.secret_file.display().to_string();
         let mut secret = std::fs::read(&self.secret_file)
             .map_err(|e| cfg_err(&file, &field, format!("cannot read: {e}")))?;
+        // Like private keys: a secret others can read is a secret no longer.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&self.secret_file)
+                .map_err(|e| cfg_err(&file, &field, format!("cannot read: {e}")))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(cfg_err(
+                    &file,
+                    &field,
+                    format!(
+                        "mode {:04o}: a webhook secret must not be readable by group or \
+                         others (chmod 600 {file})",
+                        mode & 0o7777
+                    ),
+                ));
+            }
+        }
         if secret.last() == Some(&b'\n') {
             secret.pop();
             if secret.last() == Some(&b'\r') {

@@ -211,7 +211,7 @@ fn webhook(w: &World, name: &str, url: &str, events: Option<&[&str]>) -> Webhook
     // The trailing newline an editor leaves is not part of the secret.
     let mut text = SECRET.to_vec();
     text.push(b'\n');
-    std::fs::write(&secret_file, text).unwrap();
+    write_secret(&secret_file, &text);
     WebhookConfig {
         name: name.into(),
         url: url.into(),
@@ -533,11 +533,32 @@ async fn config_errors_name_their_field() {
             "{text}"
         );
     }
-    // Sixteen bytes plus the newline are enough.
-    std::fs::write(w.dir.path().join("ok.secret"), "sixteen-bytes!!!\n").unwrap();
+    // Sixteen bytes plus the newline are enough, if only the owner can read them.
+    write_secret(&w.dir.path().join("ok.secret"), b"sixteen-bytes!!!\n");
     hook.secret_file = w.dir.path().join("ok.secret");
     assert_eq!(
         hook.load_secret("webhooks[0]").unwrap(),
         b"sixteen-bytes!!!"
     );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook.secret_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = hook.load_secret("webhooks[0]").unwrap_err().to_string();
+    assert!(
+        e.contains("webhooks[0].secret_file") && e.contains("0644"),
+        "{e}"
+    );
+}
+
+/// Write a secret file the way operators are told to: mode 0600.
+fn write_secret(path: &std::path::Path, bytes: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(bytes).unwrap();
 }
