@@ -290,7 +290,11 @@ mod tests {
             s.outbox_remove(q).unwrap();
         }
         assert_eq!(s.outbox_len().unwrap(), 0);
-        assert_eq!(s.outbox_push(b"fresh").unwrap(), 10, "never reused after draining");
+        assert_eq!(
+            s.outbox_push(b"fresh").unwrap(),
+            10,
+            "never reused after draining"
+        );
     }
 
     #[test]
