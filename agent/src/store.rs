@@ -33,6 +33,13 @@ pub struct SledStore {
     outbox: sled::Tree,
 }
 
+/// The outbox's sequence counter lives in the outbox tree itself, under the empty key, which
+/// sorts before every 8-byte message key. Finding the highest queued key instead would need
+/// sled's backward iterator, whose unbounded form links a 1 MiB constant into the binary.
+const OUTBOX_NEXT: &[u8] = b"";
+/// The lowest message key.
+const FIRST_MSG: [u8; 8] = [0; 8];
+
 /// How long [`SledStore::open`] waits for a held database lock.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -80,6 +87,23 @@ impl SledStore {
         Ok(SledStore { db, state, outbox })
     }
 
+    /// Where numbering starts when the outbox holds no counter yet: a new device, or one
+    /// upgraded from the layout that kept it in the state tree. Above the old counter and
+    /// above every queued message (a forward scan; the outbox is bounded).
+    fn first_free_seq(&self) -> Result<u64> {
+        let mut next = self
+            .state
+            .get("outbox_next")
+            .map_err(store_err)?
+            .map(|v| key_seq(&v))
+            .unwrap_or(0);
+        for item in self.outbox.range(FIRST_MSG..) {
+            let (k, _) = item.map_err(store_err)?;
+            next = next.max(key_seq(&k).saturating_add(1));
+        }
+        Ok(next)
+    }
+
     fn flush(&self) -> Result<()> {
         self.db.flush().map_err(store_err)?;
         Ok(())
@@ -97,29 +121,23 @@ impl Store for SledStore {
     }
 
     fn outbox_push(&self, msg: &[u8]) -> Result<u64> {
-        let next = match self.outbox.last().map_err(store_err)? {
-            Some((k, _)) => key_seq(&k).saturating_add(1),
-            None => self
-                .state
-                .get("outbox_next")
-                .map_err(store_err)?
-                .map(|v| key_seq(&v))
-                .unwrap_or(0),
+        let next = match self.outbox.get(OUTBOX_NEXT).map_err(store_err)? {
+            Some(v) => key_seq(&v),
+            None => self.first_free_seq()?,
         };
-        self.outbox
-            .insert(next.to_be_bytes(), msg)
-            .map_err(store_err)?;
-        // Remember the high-water mark so sequences never repeat after the queue drains.
-        self.state
-            .insert("outbox_next", &(next + 1).to_be_bytes())
-            .map_err(store_err)?;
+        // The message and the advanced counter land in one atomic batch: after a crash either
+        // both are there or neither, so a sequence is never handed out twice.
+        let mut batch = sled::Batch::default();
+        batch.insert(&next.to_be_bytes(), msg);
+        batch.insert(OUTBOX_NEXT, &next.saturating_add(1).to_be_bytes());
+        self.outbox.apply_batch(batch).map_err(store_err)?;
         self.flush()?;
         Ok(next)
     }
 
     fn outbox_peek(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
-        for item in self.outbox.iter().take(max) {
+        for item in self.outbox.range(FIRST_MSG..).take(max) {
             let (k, v) = item.map_err(store_err)?;
             out.push((key_seq(&k), v.to_vec()));
         }
@@ -134,7 +152,7 @@ impl Store for SledStore {
     }
 
     fn outbox_len(&self) -> Result<usize> {
-        Ok(self.outbox.len())
+        Ok(self.outbox.range(FIRST_MSG..).count())
     }
 }
 
@@ -246,6 +264,37 @@ mod tests {
         let peek = s.outbox_peek(10).unwrap();
         assert_eq!(peek.len(), 2);
         assert_eq!(peek[1].1, b"kept");
+    }
+
+    #[test]
+    fn outbox_from_the_older_layout_continues_above_every_sequence_it_used() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            // The layout before the counter moved into the outbox tree: counter in `state`,
+            // possibly behind the queue if a crash lost its update.
+            let db = sled::Config::new().path(d.path()).open().unwrap();
+            let state = db.open_tree("state").unwrap();
+            let outbox = db.open_tree("outbox").unwrap();
+            state.insert("outbox_next", &5u64.to_be_bytes()).unwrap();
+            outbox.insert(3u64.to_be_bytes(), &b"three"[..]).unwrap();
+            outbox.insert(7u64.to_be_bytes(), &b"seven"[..]).unwrap();
+            db.flush().unwrap();
+        }
+        let s = SledStore::open(d.path()).unwrap();
+        assert_eq!(s.outbox_len().unwrap(), 2, "the counter is not a message");
+        assert_eq!(s.outbox_push(b"next").unwrap(), 8);
+        assert_eq!(s.outbox_push(b"after").unwrap(), 9);
+        let seqs: Vec<u64> = s.outbox_peek(10).unwrap().iter().map(|m| m.0).collect();
+        assert_eq!(seqs, vec![3, 7, 8, 9]);
+        for q in seqs {
+            s.outbox_remove(q).unwrap();
+        }
+        assert_eq!(s.outbox_len().unwrap(), 0);
+        assert_eq!(
+            s.outbox_push(b"fresh").unwrap(),
+            10,
+            "never reused after draining"
+        );
     }
 
     #[test]
