@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -97,8 +97,41 @@ pub fn write_atomic_with(
     bytes: &[u8],
     opts: &WriteOptions,
 ) -> std::result::Result<(), WriteError> {
-    let (tmp, file) = create_temp(path, opts.mode)?;
-    let filled = fill(file, bytes).map_err(|(op, e)| WriteError::io(op, path)(e));
+    replace_atomic(path, opts, |f| f.write_all(bytes).map_err(|e| ("write", e)))
+}
+
+/// Copy `from` to `to` the same crash-safe way, keeping `from`'s permission bits exactly
+/// (as `fs::copy` does: an installed executable stays executable whatever the umask).
+pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
+    let mut src = File::open(from).map_err(|e| Error::io("open", from, e))?;
+    let perms = src
+        .metadata()
+        .map_err(|e| Error::io("stat", from, e))?
+        .permissions();
+    let opts = WriteOptions {
+        // Born with at most these bits (umask applied), then set exactly.
+        mode: Some(perms.mode() & 0o7777),
+        overwrite: true,
+    };
+    replace_atomic(to, &opts, |f| {
+        io::copy(&mut src, f).map_err(|e| ("copy", e))?;
+        f.set_permissions(perms).map_err(|e| ("chmod", e))
+    })
+    .map_err(Error::from)
+}
+
+/// The one implementation: temp file, `fill`, fsync, publish, fsync the directory, and the
+/// temp name removed on every error.
+fn replace_atomic(
+    path: &Path,
+    opts: &WriteOptions,
+    fill: impl FnOnce(&mut File) -> std::result::Result<(), (&'static str, io::Error)>,
+) -> std::result::Result<(), WriteError> {
+    let (tmp, mut file) = create_temp(path, opts.mode)?;
+    let filled = fill(&mut file)
+        .and_then(|()| file.sync_all().map_err(|e| ("fsync", e)))
+        .map_err(|(op, e)| WriteError::io(op, path)(e));
+    drop(file);
     let published = filled.and_then(|()| publish(&tmp, path, opts.overwrite));
     // A rename consumed the temp name; in every other case (a link, or any failure) it is
     // still there and must not linger.
@@ -138,11 +171,6 @@ fn create_temp(path: &Path, mode: Option<u32>) -> std::result::Result<(PathBuf, 
     }
     let e = last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AlreadyExists));
     Err(WriteError::io("create", path)(e))
-}
-
-fn fill(mut f: File, bytes: &[u8]) -> std::result::Result<(), (&'static str, io::Error)> {
-    f.write_all(bytes).map_err(|e| ("write", e))?;
-    f.sync_all().map_err(|e| ("fsync", e))
 }
 
 fn publish(tmp: &Path, path: &Path, overwrite: bool) -> std::result::Result<(), WriteError> {
@@ -349,6 +377,24 @@ mod tests {
             "one writer's bytes, whole"
         );
         assert_eq!(names(d.path()), vec!["status.json"]);
+    }
+
+    #[test]
+    fn copy_keeps_the_source_mode_exactly_and_replaces_the_target() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (from, to) = (d.path().join("app.bin"), d.path().join("installed"));
+        fs::write(&from, b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(&from, fs::Permissions::from_mode(0o775)).unwrap();
+        fs::write(&to, b"old").unwrap();
+        copy_atomic(&from, &to).unwrap();
+        assert_eq!(fs::read(&to).unwrap(), b"#!/bin/sh\n");
+        // 0o775 survives even a umask that would strip group write.
+        assert_eq!(mode_of(&to), 0o775);
+        assert_eq!(names(d.path()), vec!["app.bin", "installed"]);
+        let err = copy_atomic(&d.path().join("missing"), &to).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+        assert_eq!(fs::read(&to).unwrap(), b"#!/bin/sh\n");
     }
 
     #[test]
