@@ -242,6 +242,32 @@ mod tests {
     }
 
     #[test]
+    fn replacing_a_readable_file_with_a_key_leaves_it_private_and_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.key");
+        write_atomic(&p, b"not secret", 0o644, Overwrite::Refuse).unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o077,
+            0o044
+        );
+        write_secret_key(&p, &key(5), Overwrite::Allow).unwrap();
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the new file's mode, not the replaced one's");
+        assert_eq!(load_secret_key(&p).unwrap().key_id(), key(5).key_id());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn write_into_a_missing_directory_is_io_naming_the_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("nope").join("k.key");
+        let err = write_secret_key(&p, &key(3), Overwrite::Refuse).unwrap_err();
+        assert_eq!(err.code(), "io");
+        assert!(err.to_string().contains(&p.display().to_string()), "{err}");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
     fn group_or_other_readable_key_is_refused_naming_path_and_mode() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k.key");
