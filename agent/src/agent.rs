@@ -32,6 +32,45 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+/// The span of one rollout step of `$job` (STYLE.md rule 11): every line logged inside it
+/// carries `device`, `ring`, `rollout_id` and `release`, so an operator grepping for a rollout
+/// id finds its download, verify, stage, activate, probation, commit and revert. The fields
+/// are all repeated here because a step may run in a task of its own (the download), outside
+/// the `agent` span.
+macro_rules! step_span {
+    ($name:literal, $cfg:expr, $job:expr) => {{
+        let job: &Job = $job;
+        tracing::info_span!(
+            $name,
+            device = %$cfg.device_id,
+            ring = %$cfg.ring,
+            rollout_id = %job.rollout_id,
+            release = %format_args!("{}@{}", job.release.name, job.release.version),
+        )
+    }};
+}
+
+/// [`step_span!`] for the agent's current job, or no span when there is none.
+macro_rules! job_span {
+    ($name:literal, $agent:expr) => {
+        match $agent.st.job.as_ref() {
+            Some(j) => step_span!($name, $agent.cfg, j),
+            None => tracing::Span::none(),
+        }
+    };
+}
+
+/// What a probation round leads to.
+#[derive(Debug)]
+enum RoundOutcome {
+    /// Keep watching.
+    Continue,
+    /// Healthy through the whole probation.
+    Commit,
+    /// Too many failed rounds.
+    Revert(RevertCause),
+}
+
 /// How often the agent looks at the clock (activation, retries, probation rounds). Logical
 /// waits compare against [`Clock::now`] at each tick, so a test's `FakeClock` takes effect at
 /// the next tick.
@@ -118,6 +157,10 @@ pub struct Agent {
     want_download: bool,
     /// Set by handlers: abort the running download.
     cancel_download: bool,
+    /// Set when a job ended (commit or revert): look at the kept directives again. Done from
+    /// the main loop, outside the ended job's spans, so a new job's lines do not carry the
+    /// old rollout's fields.
+    reevaluate: bool,
     progress: Option<watch::Receiver<u64>>,
     progress_mark: u64,
 }
@@ -178,6 +221,7 @@ impl Agent {
             event_n: 0,
             want_download: false,
             cancel_download: false,
+            reevaluate: false,
             progress: None,
             progress_mark: 0,
         };
@@ -249,6 +293,10 @@ impl Agent {
         let mut subscribed = false;
         let mut last_inbound = tokio::time::Instant::now();
         let result = loop {
+            if self.reevaluate {
+                self.reevaluate = false;
+                self.evaluate().await?;
+            }
             if self.cancel_download {
                 self.cancel_download = false;
                 if let Some(h) = download.take() {
@@ -260,7 +308,7 @@ impl Agent {
                 self.want_download = false;
                 match self.start_download() {
                     Ok(h) => download = Some(h),
-                    Err(e) => self.download_failed(e)?,
+                    Err(e) => job_span!("download", self).in_scope(|| self.download_failed(e))?,
                 }
             }
             tokio::select! {
@@ -281,18 +329,19 @@ impl Agent {
                 res = async { match download.as_mut() { Some(h) => h.await, None => std::future::pending().await } } => {
                     download = None;
                     self.progress = None;
+                    let span = job_span!("download", self);
                     match res {
                         Ok(Ok(c)) => self.on_body_complete(c).await?,
-                        Ok(Err(e)) => self.download_failed(e)?,
+                        Ok(Err(e)) => span.in_scope(|| self.download_failed(e))?,
                         Err(e) if e.is_cancelled() => {}
-                        Err(e) => self.download_failed(Error::Download { code: "download_panicked", detail: e.to_string() })?,
+                        Err(e) => span.in_scope(|| self.download_failed(Error::Download { code: "download_panicked", detail: e.to_string() }))?,
                     }
                 }
                 _ = tick.tick() => {
                     self.drive().await?;
                     if mode == Mode::Once {
                         let quiet = last_inbound.elapsed() > Duration::from_millis(500);
-                        if subscribed && quiet && download.is_none() && !self.want_download && self.settled() {
+                        if subscribed && quiet && download.is_none() && !self.want_download && !self.reevaluate && self.settled() {
                             break Ok(());
                         }
                         if !subscribed && started.elapsed() > Duration::from_secs(30) {
@@ -377,7 +426,7 @@ impl Agent {
             release,
             kind,
         };
-        tracing::info!(event = e.kind.name(), id = %e.id, rollout_id = ?e.rollout_id, "event");
+        tracing::info!(event = e.kind.name(), id = %e.id, rollout_id = e.rollout_id.as_deref(), "event");
         self.queue(TAG_EVENT, e.to_bytes());
     }
 
@@ -446,6 +495,7 @@ impl Agent {
                     })
                 });
                 if !ok {
+                    let _s = job_span!("stage", self).entered();
                     tracing::warn!("staged artifact missing or changed; downloading again");
                     self.step(Step::Start)?;
                     if let Some(j) = self.st.job.as_mut() {
@@ -699,14 +749,17 @@ impl Agent {
                     tracing::debug!("release failed here in this rollout; not retrying");
                     return Ok(());
                 }
-                tracing::info!(release = %release.name, version = %release.version, "starting");
                 let job = Job::new(d.rollout_id.clone(), origin, release, d.activation.clone());
-                self.st.rollout_id = Some(job.rollout_id.clone());
-                self.st.target = Some(job.target());
-                self.st.last_error = None;
-                self.st.job = Some(job);
-                self.progress_mark = 0;
-                self.step(Step::Start)?;
+                // Starting is the first line of the download step, under the new job's fields.
+                step_span!("download", self.cfg, &job).in_scope(|| {
+                    tracing::info!("starting");
+                    self.st.rollout_id = Some(job.rollout_id.clone());
+                    self.st.target = Some(job.target());
+                    self.st.last_error = None;
+                    self.st.job = Some(job);
+                    self.progress_mark = 0;
+                    self.step(Step::Start)
+                })?;
                 self.want_download = true;
                 Ok(())
             }
@@ -756,6 +809,8 @@ impl Agent {
                 detail: "nothing to download".into(),
             });
         };
+        let span = step_span!("download", self.cfg, job);
+        let _s = span.enter();
         let a = &job.release.artifact;
         let url = download::resolve_url(&a.url, self.cfg.artifact_base_url.as_deref())?;
         let f = Fetch {
@@ -769,9 +824,8 @@ impl Agent {
         let (tx, rx) = watch::channel(0u64);
         self.progress = Some(rx);
         let client = self.http.clone();
-        Ok(tokio::spawn(async move {
-            download::fetch(&client, &f, &tx).await
-        }))
+        let task = async move { download::fetch(&client, &f, &tx).await };
+        Ok(tokio::spawn(task.instrument(span.clone())))
     }
 
     fn download_failed(&mut self, e: Error) -> Result<()> {
@@ -816,10 +870,27 @@ impl Agent {
             // Bytes for a job that was replaced meanwhile: never stage them for this one.
             return Ok(());
         }
+        let span = step_span!("verify", self.cfg, &job);
+        if !self.verify(c, &job).instrument(span).await? {
+            return Ok(());
+        }
+        step_span!("stage", self.cfg, &job).in_scope(|| {
+            self.step(Step::Verified)?;
+            self.job_event(EventKind::Staged);
+            Ok::<_, Error>(())
+        })?;
+        self.drive().await
+    }
+
+    /// Check the complete body's size and digest and move it to its final name. `false` when
+    /// it failed (already handled as a failed download attempt).
+    async fn verify(&mut self, c: Complete, job: &Job) -> Result<bool> {
         self.step(Step::BodyComplete)?;
         let dest = self.artifact_path(&job.release.artifact.sha256);
         let d2 = dest.clone();
-        let res = tokio::task::spawn_blocking(move || download::finish(c, &d2))
+        // The blocking thread is outside this future's span; carry it over.
+        let span = tracing::Span::current();
+        let res = tokio::task::spawn_blocking(move || span.in_scope(|| download::finish(c, &d2)))
             .await
             .unwrap_or_else(|e| {
                 Err(Error::Download {
@@ -828,7 +899,8 @@ impl Agent {
                 })
             });
         if let Err(e) = res {
-            return self.download_failed(e);
+            self.download_failed(e)?;
+            return Ok(false);
         }
         if let Some(j) = self.st.job.as_mut() {
             j.artifact = Some(dest);
@@ -844,9 +916,7 @@ impl Agent {
         }
         self.st.last_error = None;
         self.job_event(EventKind::Downloaded);
-        self.step(Step::Verified)?;
-        self.job_event(EventKind::Staged);
-        self.drive().await
+        Ok(true)
     }
 
     // ----- the clock-driven part ------------------------------------------------------------
@@ -854,7 +924,7 @@ impl Agent {
     async fn drive(&mut self) -> Result<()> {
         match self.st.phase {
             Phase::Downloading => {
-                self.report_progress();
+                job_span!("download", self).in_scope(|| self.report_progress());
                 let due = self
                     .st
                     .job
@@ -924,6 +994,17 @@ impl Agent {
     /// Staged → Installing → Probation (or Failed when nothing changed). Also re-entered after
     /// a restart in Installing; every step is repeatable.
     async fn activate(&mut self) -> Result<()> {
+        let span = job_span!("activate", self);
+        if let Some(cause) = self.activate_steps().instrument(span).await? {
+            // In its own span, not inside `activate`: a revert is a step of its own.
+            self.revert(cause).await?;
+        }
+        Ok(())
+    }
+
+    /// The work of [`Agent::activate`]; a cause when `post_activate` failed often enough to
+    /// revert.
+    async fn activate_steps(&mut self) -> Result<Option<RevertCause>> {
         if self.st.phase == Phase::Staged {
             let (cur, prev) = (self.st.current.clone(), self.st.previous.clone());
             if let Some(j) = self.st.job.as_mut() {
@@ -933,7 +1014,7 @@ impl Agent {
             self.step(Step::Activate)?;
         }
         let Some(job) = self.st.job.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         let artifact = job
             .artifact
@@ -953,13 +1034,16 @@ impl Agent {
             };
             let o = cmd::run(pre, &s, timeout, tail).await;
             if !o.ok {
-                return self
-                    .install_failed("pre_activate_failed", format!("{}: {}", o.status, o.tail));
+                self.install_failed("pre_activate_failed", format!("{}: {}", o.status, o.tail))?;
+                return Ok(None);
             }
         }
         let installed = match self.deps.installer.install(&job.release, &artifact).await {
             Ok(i) => i,
-            Err(e) => return self.install_failed(e.code(), e.to_string()),
+            Err(e) => {
+                self.install_failed(e.code(), e.to_string())?;
+                return Ok(None);
+            }
         };
         let now = self.now();
         let release_dir = installed.release_dir.clone();
@@ -979,18 +1063,16 @@ impl Agent {
             };
             let o = cmd::run(post, &s, timeout, tail).await;
             if !o.ok {
-                return self
-                    .round_failed(
-                        health::Failure {
-                            check: "post_activate".into(),
-                            output: format!("{}\n{}", o.status, o.tail),
-                        },
-                        "post_activate_failed",
-                    )
-                    .await;
+                return self.round_failed(
+                    health::Failure {
+                        check: "post_activate".into(),
+                        output: format!("{}\n{}", o.status, o.tail),
+                    },
+                    "post_activate_failed",
+                );
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     fn install_failed(&mut self, code: &str, detail: String) -> Result<()> {
@@ -1018,9 +1100,19 @@ impl Agent {
 
     // ----- probation ------------------------------------------------------------------------
 
+    /// One probation round when due; then commit or revert, each in its own span.
     async fn probation(&mut self) -> Result<()> {
+        let span = job_span!("probation", self);
+        match self.probation_round().instrument(span).await? {
+            RoundOutcome::Continue => Ok(()),
+            RoundOutcome::Commit => self.commit(),
+            RoundOutcome::Revert(cause) => self.revert(cause).await,
+        }
+    }
+
+    async fn probation_round(&mut self) -> Result<RoundOutcome> {
         let Some(job) = self.st.job.clone() else {
-            return Ok(());
+            return Ok(RoundOutcome::Continue);
         };
         let now = self.now();
         let h = &job.release.health;
@@ -1028,7 +1120,7 @@ impl Agent {
         let over = now >= started.checked_add(h.probation.signed()).unwrap_or(started);
         let round_due = job.next_round_at.is_none_or(|t| now >= t);
         if !round_due && !over {
-            return Ok(());
+            return Ok(RoundOutcome::Continue);
         }
         let release_dir = self
             .st
@@ -1047,24 +1139,31 @@ impl Agent {
         .await;
         let after = self.now();
         if let Some(f) = failure {
-            return self.round_failed(f, "health_check_failed").await;
+            return Ok(match self.round_failed(f, "health_check_failed")? {
+                Some(cause) => RoundOutcome::Revert(cause),
+                None => RoundOutcome::Continue,
+            });
         }
+        let mut rounds_ok = 0;
         if let Some(j) = self.st.job.as_mut() {
             j.rounds_ok += 1;
+            rounds_ok = j.rounds_ok;
             j.next_round_at = after.checked_add(h.interval.signed()).ok();
         }
+        tracing::info!(rounds_ok, "health round passed");
         if over {
-            return self.commit().await;
+            return Ok(RoundOutcome::Commit);
         }
         self.save()?;
         self.job_event(EventKind::Healthy);
-        Ok(())
+        Ok(RoundOutcome::Continue)
     }
 
-    async fn round_failed(&mut self, f: health::Failure, reason: &str) -> Result<()> {
+    /// Count a failed round; the revert cause once there were enough of them.
+    fn round_failed(&mut self, f: health::Failure, reason: &str) -> Result<Option<RevertCause>> {
         let now = self.now();
         let Some(j) = self.st.job.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         j.failures += 1;
         j.next_round_at = now.checked_add(j.release.health.interval.signed()).ok();
@@ -1076,22 +1175,22 @@ impl Agent {
         });
         self.save()?;
         if failures >= limit {
-            return self
-                .revert(RevertCause {
-                    reason: reason.to_owned(),
-                    check: Some(f.check),
-                    output: Some(f.output),
-                })
-                .await;
+            return Ok(Some(RevertCause {
+                reason: reason.to_owned(),
+                check: Some(f.check),
+                output: Some(f.output),
+            }));
         }
         self.publish_state();
-        Ok(())
+        Ok(None)
     }
 
-    async fn commit(&mut self) -> Result<()> {
+    fn commit(&mut self) -> Result<()> {
         let Some(job) = self.st.job.take() else {
             return Ok(());
         };
+        let _s = step_span!("commit", self.cfg, &job).entered();
+        tracing::info!("probation passed; committing");
         // Raise the floor only now: until commit the device may still go back (DESIGN.md
         // "highest rollback_floor it has installed").
         self.st.rollback_floor = self.st.rollback_floor.max(job.release.rollback_floor);
@@ -1112,7 +1211,8 @@ impl Agent {
             tracing::warn!(error = %e, "pruning old releases failed");
         }
         self.prune_artifacts();
-        self.evaluate().await
+        self.reevaluate = true;
+        Ok(())
     }
 
     /// Remove downloaded artifacts no installed release refers to.
@@ -1138,6 +1238,16 @@ impl Agent {
 
     /// Go back to the release that ran before, locally: no controller, no network.
     async fn revert(&mut self, cause: RevertCause) -> Result<()> {
+        let span = job_span!("revert", self);
+        if self.revert_steps(cause).instrument(span).await? {
+            // The kept directives are looked at again from the main loop.
+            self.reevaluate = true;
+        }
+        Ok(())
+    }
+
+    /// The work of [`Agent::revert`]; `true` when a job was reverted.
+    async fn revert_steps(&mut self, cause: RevertCause) -> Result<bool> {
         if let Some(j) = self.st.job.as_mut() {
             j.revert_cause = Some(cause.clone());
         }
@@ -1149,7 +1259,7 @@ impl Agent {
             self.step(Step::Revert)?;
         }
         let Some(job) = self.st.job.clone() else {
-            return Ok(());
+            return Ok(false);
         };
         tracing::warn!(reason = %cause.reason, check = ?cause.check, "reverting");
         let mut detail = cause.output.clone().unwrap_or_default();
@@ -1186,7 +1296,7 @@ impl Agent {
             },
         );
         self.step(Step::RevertDone)?;
-        Box::pin(self.evaluate()).await
+        Ok(true)
     }
 }
 

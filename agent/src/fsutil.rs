@@ -1,51 +1,228 @@
 //! Crash-safe file writes (STYLE.md rule 7): temp file in the same directory, write, fsync,
-//! rename, fsync the directory. One helper, used everywhere.
+//! rename, fsync the directory. One helper, used everywhere: the controller's state files and
+//! key files go through [`write_atomic_with`] too (the controller depends on this crate).
 
 use crate::error::{Error, Result};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// How [`write_atomic_with`] creates and publishes a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Permission bits the file is born with (the umask still applies); `None` is `0o666`
+    /// minus the umask, as for [`File::create`].
+    pub mode: Option<u32>,
+    /// Replace an existing file; when `false` an existing target is left alone and the write
+    /// fails with [`WriteError::Exists`], decided atomically by the filesystem.
+    pub overwrite: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> WriteOptions {
+        WriteOptions {
+            mode: None,
+            overwrite: true,
+        }
+    }
+}
+
+/// Why a crash-safe write failed. `path` is the file asked for (or, for the directory fsync,
+/// its directory), never the temp name, which no longer exists when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The target exists and [`WriteOptions::overwrite`] is `false`.
+    #[error("{} already exists; not overwritten", path.display())]
+    Exists {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// The operating system refused a step.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// The step: `create`, `write`, `fsync`, `rename`, `link`, `fsync dir`, …
+        op: &'static str,
+        /// The target file, or its directory for `fsync dir`.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl WriteError {
+    /// The stable `snake_case` reason code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            WriteError::Exists { .. } => "file_exists",
+            WriteError::Io { .. } => "io_error",
+        }
+    }
+
+    fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> WriteError + 'a {
+        move |source| WriteError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+impl From<WriteError> for Error {
+    fn from(e: WriteError) -> Error {
+        match e {
+            // The agent never refuses overwrites today; should it, the kind keeps the meaning.
+            WriteError::Exists { path } => {
+                Error::io("link", path, io::Error::from(io::ErrorKind::AlreadyExists))
+            }
+            WriteError::Io { op, path, source } => Error::Io { op, path, source },
+        }
+    }
+}
 
 /// Write `bytes` to `path` so that a crash leaves either the old or the new content.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_sibling(path);
-    let res = (|| {
-        let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-        f.write_all(bytes)
-            .map_err(|e| Error::io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
-        sync_parent(path)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
+    write_atomic_with(path, bytes, &WriteOptions::default()).map_err(Error::from)
 }
 
-/// A temporary name next to `path` (same directory, so the rename is atomic).
+/// Write `bytes` to `path` crash-safely: a temp file with a unique name in the same directory,
+/// created with `opts.mode` from birth (no window where a private key is readable by others),
+/// written and fsync'd, then renamed over `path` (or, without `opts.overwrite`, hard-linked,
+/// which fails atomically if `path` exists), then the directory fsync'd. A crash leaves the
+/// old file or the new one, never a torn one; on any error the temp name is removed.
+pub fn write_atomic_with(
+    path: &Path,
+    bytes: &[u8],
+    opts: &WriteOptions,
+) -> std::result::Result<(), WriteError> {
+    replace_atomic(path, opts, |f| f.write_all(bytes).map_err(|e| ("write", e)))
+}
+
+/// Copy `from` to `to` the same crash-safe way, keeping `from`'s permission bits exactly
+/// (as `fs::copy` does: an installed executable stays executable whatever the umask).
+pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
+    let mut src = File::open(from).map_err(|e| Error::io("open", from, e))?;
+    let perms = src
+        .metadata()
+        .map_err(|e| Error::io("stat", from, e))?
+        .permissions();
+    let opts = WriteOptions {
+        // Born with at most these bits (umask applied), then set exactly.
+        mode: Some(perms.mode() & 0o7777),
+        overwrite: true,
+    };
+    replace_atomic(to, &opts, |f| {
+        io::copy(&mut src, f).map_err(|e| ("copy", e))?;
+        f.set_permissions(perms).map_err(|e| ("chmod", e))
+    })
+    .map_err(Error::from)
+}
+
+/// The one implementation: temp file, `fill`, fsync, publish, fsync the directory, and the
+/// temp name removed on every error.
+fn replace_atomic(
+    path: &Path,
+    opts: &WriteOptions,
+    fill: impl FnOnce(&mut File) -> std::result::Result<(), (&'static str, io::Error)>,
+) -> std::result::Result<(), WriteError> {
+    let (tmp, mut file) = create_temp(path, opts.mode)?;
+    let filled = fill(&mut file)
+        .and_then(|()| file.sync_all().map_err(|e| ("fsync", e)))
+        .map_err(|(op, e)| WriteError::io(op, path)(e));
+    drop(file);
+    let published = filled.and_then(|()| publish(&tmp, path, opts.overwrite));
+    // A rename consumed the temp name; in every other case (a link, or any failure) it is
+    // still there and must not linger.
+    if !(published.is_ok() && opts.overwrite) {
+        let removed = fs::remove_file(&tmp);
+        if published.is_ok() {
+            removed.map_err(WriteError::io("remove temp", &tmp))?;
+        }
+    }
+    published?;
+    let dir = parent_dir(path);
+    fsync_dir(dir).map_err(WriteError::io("fsync dir", dir))
+}
+
+/// Create the temp file next to `path` with `create_new`, so it is never someone else's file
+/// and never a stale one; on a name collision (a leftover of a crash) the next name is tried.
+fn create_temp(path: &Path, mode: Option<u32>) -> std::result::Result<(PathBuf, File), WriteError> {
+    if path.file_name().is_none() {
+        return Err(WriteError::io("create", path)(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a file name",
+        )));
+    }
+    let mut last = None;
+    for _ in 0..16 {
+        let tmp = temp_sibling(path);
+        let mut o = OpenOptions::new();
+        o.write(true).create_new(true);
+        if let Some(m) = mode {
+            o.mode(m);
+        }
+        match o.open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(WriteError::io("create", path)(e)),
+        }
+    }
+    let e = last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AlreadyExists));
+    Err(WriteError::io("create", path)(e))
+}
+
+fn publish(tmp: &Path, path: &Path, overwrite: bool) -> std::result::Result<(), WriteError> {
+    if overwrite {
+        return fs::rename(tmp, path).map_err(WriteError::io("rename", path));
+    }
+    // link(2) refuses an existing target atomically, unlike a check followed by a rename.
+    fs::hard_link(tmp, path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            WriteError::Exists {
+                path: path.to_owned(),
+            }
+        } else {
+            WriteError::io("link", path)(e)
+        }
+    })
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// A temporary name next to `path` (same directory, so the rename is atomic), unique within
+/// this process and, through the pid, among processes.
 pub fn temp_sibling(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
+}
+
+/// fsync a directory, so a rename inside it survives a power cut (plain `io::Result` for
+/// callers with their own error type).
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// fsync a directory, so a rename inside it survives a power cut.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("fsync dir", dir, e))
+    fsync_dir(dir).map_err(|e| Error::io("fsync dir", dir, e))
 }
 
 /// fsync the directory holding `path`.
 pub fn sync_parent(path: &Path) -> Result<()> {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => sync_dir(p),
-        _ => sync_dir(Path::new(".")),
-    }
+    sync_dir(parent_dir(path))
 }
 
 /// Create a directory and its parents.
@@ -95,6 +272,142 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn file_gets_the_requested_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k.key");
+        let private = WriteOptions {
+            mode: Some(0o600),
+            overwrite: false,
+        };
+        write_atomic_with(&p, b"secret", &private).unwrap();
+        assert_eq!(mode_of(&p), 0o600);
+        // Replacing takes the new file's mode, not the old one's.
+        let public = WriteOptions {
+            mode: Some(0o644),
+            overwrite: true,
+        };
+        write_atomic_with(&p, b"public", &public).unwrap();
+        assert_eq!(mode_of(&p) & 0o600, 0o600);
+        assert_eq!(mode_of(&p) & 0o133, 0, "never wider than asked");
+        assert_eq!(names(d.path()), vec!["k.key"]);
+    }
+
+    #[test]
+    fn refused_overwrite_keeps_the_old_file_and_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k.key");
+        let refuse = WriteOptions {
+            mode: Some(0o600),
+            overwrite: false,
+        };
+        write_atomic_with(&p, b"first", &refuse).unwrap();
+        let err = write_atomic_with(&p, b"second", &refuse).unwrap_err();
+        assert_eq!(err.code(), "file_exists");
+        assert!(err.to_string().contains(&p.display().to_string()), "{err}");
+        assert_eq!(fs::read(&p).unwrap(), b"first");
+        assert_eq!(names(d.path()), vec!["k.key"]);
+    }
+
+    #[test]
+    fn failed_rename_names_the_target_and_removes_the_temp() {
+        let d = tempfile::tempdir().unwrap();
+        // A non-empty directory where the file should go: rename(2) must fail.
+        let p = d.path().join("busy");
+        fs::create_dir(&p).unwrap();
+        fs::write(p.join("inside"), b"x").unwrap();
+        let err = write_atomic_with(&p, b"data", &WriteOptions::default()).unwrap_err();
+        match &err {
+            WriteError::Io { op, path, .. } => {
+                assert_eq!(*op, "rename");
+                assert_eq!(path, &p);
+            }
+            other => panic!("expected an io error, got {other:?}"),
+        }
+        assert_eq!(names(d.path()), vec!["busy"]);
+        // The agent's error keeps the step and the path.
+        let agent_err = Error::from(err);
+        assert_eq!(agent_err.code(), "io_error");
+        assert!(agent_err.to_string().starts_with("rename "), "{agent_err}");
+    }
+
+    #[test]
+    fn missing_directory_fails_naming_the_target() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("no-such-dir").join("state.json");
+        let err = write_atomic(&p, b"x").unwrap_err();
+        assert!(err.to_string().contains("state.json"), "{err}");
+        assert!(names(d.path()).is_empty());
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_file_never_collide_on_the_temp_name() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("status.json");
+        std::thread::scope(|s| {
+            for t in 0..4u8 {
+                let p = &p;
+                s.spawn(move || {
+                    for _ in 0..25 {
+                        write_atomic(p, &[t; 64]).unwrap();
+                    }
+                });
+            }
+        });
+        let got = fs::read(&p).unwrap();
+        assert_eq!(got.len(), 64);
+        assert!(
+            got.iter().all(|b| *b == got[0]),
+            "one writer's bytes, whole"
+        );
+        assert_eq!(names(d.path()), vec!["status.json"]);
+    }
+
+    #[test]
+    fn copy_keeps_the_source_mode_exactly_and_replaces_the_target() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (from, to) = (d.path().join("app.bin"), d.path().join("installed"));
+        fs::write(&from, b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(&from, fs::Permissions::from_mode(0o775)).unwrap();
+        fs::write(&to, b"old").unwrap();
+        copy_atomic(&from, &to).unwrap();
+        assert_eq!(fs::read(&to).unwrap(), b"#!/bin/sh\n");
+        // 0o775 survives even a umask that would strip group write.
+        assert_eq!(mode_of(&to), 0o775);
+        assert_eq!(names(d.path()), vec!["app.bin", "installed"]);
+        let err = copy_atomic(&d.path().join("missing"), &to).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+        assert_eq!(fs::read(&to).unwrap(), b"#!/bin/sh\n");
+    }
+
+    #[test]
+    fn temp_names_are_unique_and_hidden() {
+        let p = Path::new("/data/state.json");
+        let (a, b) = (temp_sibling(p), temp_sibling(p));
+        assert_ne!(a, b);
+        assert_eq!(a.parent(), p.parent());
+        assert!(a
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".state.json.tmp-"));
     }
 
     #[test]

@@ -125,9 +125,9 @@ impl FsInstaller {
         // Keep what is there now for revert — unless an interrupted attempt already put the
         // new bytes in place, in which case the backup it made is the one to keep.
         if target.exists() && !same_contents(&target, artifact) {
-            copy_atomic(&target, &backup)?;
+            fsutil::copy_atomic(&target, &backup)?;
         }
-        copy_atomic(artifact, &target)?;
+        fsutil::copy_atomic(artifact, &target)?;
         Ok(Installed {
             release: release_ref(release),
             kind: InstallKind::File,
@@ -182,7 +182,7 @@ impl FsInstaller {
                 let target = PathBuf::from(failed.install.path.as_deref().unwrap_or_default());
                 let backup = self.backup_for(&target);
                 if backup.exists() {
-                    copy_atomic(&backup, &target)?;
+                    fsutil::copy_atomic(&backup, &target)?;
                     fsutil::remove_file_if_exists(&backup)?;
                 } else {
                     fsutil::remove_file_if_exists(&target)?;
@@ -283,24 +283,6 @@ impl Installer for FsInstaller {
         }
         Ok(())
     }
-}
-
-/// Copy `from` to `to` the crash-safe way (temp next to `to`, fsync, rename, fsync dir),
-/// keeping `from`'s permissions.
-pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
-    let tmp = fsutil::temp_sibling(to);
-    let res = (|| {
-        fs::copy(from, &tmp).map_err(|e| Error::io("copy", &tmp, e))?;
-        File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io("fsync", &tmp, e))?;
-        fs::rename(&tmp, to).map_err(|e| Error::io("rename", to, e))?;
-        fsutil::sync_parent(to)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
 }
 
 /// Whether two files hold the same bytes.

@@ -11,11 +11,12 @@
 //! the old file or the new one, never a torn one.
 
 use ed25519_dalek::VerifyingKey;
+use ringcast_agent::fsutil::{write_atomic_with, WriteError, WriteOptions};
 use ringcast_proto::keys::{public_from_pem, public_to_pem, PublicKey};
 use ringcast_proto::SecretKey;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Largest key file read: real PEM keys are a few hundred bytes; anything far larger is not a key.
@@ -98,68 +99,20 @@ pub enum Overwrite {
 
 /// Write `bytes` to `path` crash-safely with permission `mode` from creation on: temp file in
 /// the same directory, write, fsync, rename (or link, which fails atomically if the target
-/// exists, when overwriting is refused), fsync the directory.
+/// exists, when overwriting is refused), fsync the directory. The one implementation is
+/// [`ringcast_agent::fsutil::write_atomic_with`]; this maps its errors to [`KeyFileError`].
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, overwrite: Overwrite) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
+    let opts = WriteOptions {
+        mode: Some(mode),
+        overwrite: overwrite == Overwrite::Allow,
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| KeyFileError::format(path, "not a file name"))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        random_suffix()
-    ));
-    let result = write_then_publish(&tmp, path, bytes, mode, overwrite);
-    // Whatever happened, the temp name must not linger (after a rename it no longer exists).
-    let _ = fs::remove_file(&tmp);
-    result?;
-    let d = File::open(&dir).map_err(|e| KeyFileError::io(&dir, e))?;
-    d.sync_all().map_err(|e| KeyFileError::io(&dir, e))
-}
-
-fn write_then_publish(
-    tmp: &Path,
-    path: &Path,
-    bytes: &[u8],
-    mode: u32,
-    overwrite: Overwrite,
-) -> Result<()> {
-    // create_new + mode: the file is born with `mode` (minus umask); no window where a private
-    // key sits with wider permissions.
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(tmp)
-        .map_err(|e| KeyFileError::io(tmp, e))?;
-    f.write_all(bytes).map_err(|e| KeyFileError::io(tmp, e))?;
-    f.sync_all().map_err(|e| KeyFileError::io(tmp, e))?;
-    drop(f);
-    match overwrite {
-        Overwrite::Allow => fs::rename(tmp, path).map_err(|e| KeyFileError::io(path, e)),
-        // link(2) refuses an existing target atomically, unlike a check followed by rename.
-        Overwrite::Refuse => fs::hard_link(tmp, path).map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                KeyFileError::Exists {
-                    path: path.to_owned(),
-                }
-            } else {
-                KeyFileError::io(path, e)
-            }
-        }),
-    }
-}
-
-fn random_suffix() -> String {
-    let mut b = [0u8; 6];
-    // A collision only makes create_new fail loudly; the pid already separates processes.
-    let _ = getrandom::getrandom(&mut b);
-    hex::encode(b)
+    write_atomic_with(path, bytes, &opts).map_err(|e| match e {
+        WriteError::Exists { path } => KeyFileError::Exists { path },
+        WriteError::Io { path, source, .. } => KeyFileError::Io {
+            path,
+            error: source,
+        },
+    })
 }
 
 /// Write a private key as PKCS#8 PEM with mode 0600.
@@ -261,6 +214,7 @@ pub fn load_public_key(path: &Path) -> Result<VerifyingKey> {
 mod tests {
     use super::*;
     use ringcast_proto::testkit::key;
+    use std::fs;
 
     #[test]
     fn secret_key_is_written_0600_and_reads_back() {
@@ -285,6 +239,30 @@ mod tests {
         write_secret_key(&p, &key(4), Overwrite::Allow).unwrap();
         assert_eq!(load_secret_key(&p).unwrap().key_id(), key(4).key_id());
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn replacing_a_readable_file_with_a_key_leaves_it_private_and_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.key");
+        write_atomic(&p, b"not secret", 0o644, Overwrite::Refuse).unwrap();
+        // Whatever the umask made of it, the file being replaced is world-readable.
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        write_secret_key(&p, &key(5), Overwrite::Allow).unwrap();
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the new file's mode, not the replaced one's");
+        assert_eq!(load_secret_key(&p).unwrap().key_id(), key(5).key_id());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn write_into_a_missing_directory_is_io_naming_the_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("nope").join("k.key");
+        let err = write_secret_key(&p, &key(3), Overwrite::Refuse).unwrap_err();
+        assert_eq!(err.code(), "io");
+        assert!(err.to_string().contains(&p.display().to_string()), "{err}");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
