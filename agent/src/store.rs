@@ -40,12 +40,29 @@ const OUTBOX_NEXT: &[u8] = b"";
 /// The lowest message key.
 const FIRST_MSG: [u8; 8] = [0; 8];
 
-/// How long [`SledStore::open`] waits for a held database lock.
+/// How long [`open_sled`] waits for a held database lock.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// sled 0.34 reports a held lock as `Io(Other)` with this text and no better handle.
-fn is_lock_held(e: &sled::Error) -> bool {
+pub fn is_lock_held(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+/// Open a sled database, waiting up to [`LOCK_WAIT`] for a lock that a `Db` being dropped
+/// still holds: sled's flusher and I/O threads keep the file lock for a moment after the last
+/// handle goes (an in-process restart, a tool opening the database the moment a daemon
+/// stopped). A lock held longer is returned as sled reports it; see [`is_lock_held`].
+/// The controller opens its database through this too.
+pub fn open_sled(config: &sled::Config) -> std::result::Result<sled::Db, sled::Error> {
+    let started = std::time::Instant::now();
+    loop {
+        match config.open() {
+            Err(e) if is_lock_held(&e) && started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn store_err(e: sled::Error) -> Error {
@@ -53,35 +70,25 @@ fn store_err(e: sled::Error) -> Error {
 }
 
 impl SledStore {
-    /// Open (or create) the database in `dir`.
-    ///
-    /// sled's I/O threads can hold the file lock for a moment after the previous `Db` in
-    /// this process is dropped (an in-process restart, a test reopening). A held lock is
-    /// therefore retried for up to [`LOCK_WAIT`] before it is reported, naming the likely
-    /// cause: another agent using the same data dir.
+    /// Open (or create) the database in `dir`. A lock another process keeps holding is
+    /// reported naming the likely cause: another agent using the same data dir.
     pub fn open(dir: &Path) -> Result<SledStore> {
         // A small cache: the agent's state is a few kilobytes.
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(256 * 1024)
             .flush_every_ms(None);
-        let started = std::time::Instant::now();
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                Err(e) if is_lock_held(&e) && started.elapsed() < LOCK_WAIT => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) if is_lock_held(&e) => {
-                    return Err(Error::Store(format!(
-                        "open {}: the database is locked by another process \
-                         (is another ringcast-agent using this data_dir?): {e}",
-                        dir.display()
-                    )));
-                }
-                Err(e) => return Err(Error::Store(format!("open {}: {e}", dir.display()))),
+        let db = open_sled(&config).map_err(|e| {
+            if is_lock_held(&e) {
+                Error::Store(format!(
+                    "open {}: the database is locked by another process \
+                     (is another ringcast-agent using this data_dir?): {e}",
+                    dir.display()
+                ))
+            } else {
+                Error::Store(format!("open {}: {e}", dir.display()))
             }
-        };
+        })?;
         let state = db.open_tree("state").map_err(store_err)?;
         let outbox = db.open_tree("outbox").map_err(store_err)?;
         Ok(SledStore { db, state, outbox })

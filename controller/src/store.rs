@@ -8,8 +8,18 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::Path;
 
-/// How long [`Store::open`] waits for a database lock still held by a previous `Db`.
-pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Open a sled database at `path`, waiting a moment for a lock a closing `Db` still holds
+/// (the agent's [`ringcast_agent::store::open_sled`], shared so both sides behave alike).
+pub fn open_sled(
+    path: &Path,
+    flush_every_ms: Option<u64>,
+) -> std::result::Result<sled::Db, sled::Error> {
+    ringcast_agent::store::open_sled(
+        &sled::Config::new()
+            .path(path)
+            .flush_every_ms(flush_every_ms),
+    )
+}
 
 /// Typed access to the trees.
 #[derive(Debug, Clone)]
@@ -40,27 +50,9 @@ impl Store {
     /// Open (or create) the database under `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let config = sled::Config::new()
-            .path(dir.join("ringcast.sled"))
-            // Reports are re-read from retained messages after a crash (DESIGN.md), so the
-            // periodic flush is enough for them; rollout changes are flushed explicitly.
-            .flush_every_ms(Some(500));
-        // sled's flusher thread keeps the file lock for up to one flush interval after the
-        // previous `Db` in this process is dropped (an in-process restart), so a held lock
-        // is retried for a bounded time before it is reported.
-        let started = std::time::Instant::now();
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                Err(sled::Error::Io(io))
-                    if io.to_string().contains("could not acquire lock")
-                        && started.elapsed() < LOCK_WAIT =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        // Reports are re-read from retained messages after a crash (DESIGN.md), so the
+        // periodic flush is enough for them; rollout changes are flushed explicitly.
+        let db = open_sled(&dir.join("ringcast.sled"), Some(500))?;
         Store::from_db(db)
     }
 

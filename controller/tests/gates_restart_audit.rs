@@ -245,7 +245,7 @@ async fn audit_verify_names_the_entry_after_any_single_byte_change_in_the_db() {
 
     let path = w.data_dir().join("ringcast.sled");
     let entries: Vec<(sled::IVec, sled::IVec)> = {
-        let db = sled::open(&path).unwrap();
+        let db = ringcast_controller::store::open_sled(&path, Some(500)).unwrap();
         let t = db.open_tree("audit").unwrap();
         t.scan_prefix(b"e").map(|kv| kv.unwrap()).collect()
     };
@@ -255,7 +255,7 @@ async fn audit_verify_names_the_entry_after_any_single_byte_change_in_the_db() {
     for (i, (k, v)) in entries.iter().enumerate() {
         for pos in [0usize, 63, 64, 70, v.len() / 2, v.len() - 2] {
             {
-                let db = sled::open(&path).unwrap();
+                let db = ringcast_controller::store::open_sled(&path, Some(500)).unwrap();
                 let t = db.open_tree("audit").unwrap();
                 let mut bad = v.to_vec();
                 bad[pos] ^= 0x20;
@@ -273,7 +273,7 @@ async fn audit_verify_names_the_entry_after_any_single_byte_change_in_the_db() {
                 err.contains(&format!("entry {}", i + 1)),
                 "wrong entry named: {err}"
             );
-            let db = sled::open(&path).unwrap();
+            let db = ringcast_controller::store::open_sled(&path, Some(500)).unwrap();
             db.open_tree("audit").unwrap().insert(k, v.clone()).unwrap();
             db.flush().unwrap();
         }

@@ -37,9 +37,9 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
                         "no controller database at {}",
                         path.display()
                     );
-                    let db = sled::Config::new().path(&path).open().with_context(|| {
-                        format!("opening {} (is the controller running?)", path.display())
-                    })?;
+                    let db = ringcast_controller::store::open_sled(&path, Some(500)).with_context(
+                        || format!("opening {} (is the controller running?)", path.display()),
+                    )?;
                     ringcast_controller::audit::export(&db.open_tree("audit")?)?
                 }
                 None => block_on(args.conn.client().audit())??,
