@@ -155,6 +155,7 @@ fn create_temp(path: &Path, mode: Option<u32>) -> std::result::Result<(PathBuf, 
             "not a file name",
         )));
     }
+    sweep_stale_temps(path);
     let mut last = None;
     for _ in 0..16 {
         let tmp = temp_sibling(path);
@@ -171,6 +172,43 @@ fn create_temp(path: &Path, mode: Option<u32>) -> std::result::Result<(PathBuf, 
     }
     let e = last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AlreadyExists));
     Err(WriteError::io("create", path)(e))
+}
+
+/// Remove temp files a crashed writer of `path` left behind (`.{name}.tmp-{pid}-{n}` whose
+/// process is gone). A power cut mid-copy of a large `file` install would otherwise leave
+/// the partial copy on disk, and every crash and retry another one. Temps of live processes,
+/// this one included, are never touched: they may be mid-write. Best effort: a temp that
+/// cannot be removed is left for the next write.
+fn sweep_stale_temps(path: &Path) {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = fs::read_dir(parent_dir(path)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() as i32 && !process_alive(pid) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether a process with this pid exists (signal 0 probes without sending anything).
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks for existence and permission; it has no effect.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 fn publish(tmp: &Path, path: &Path, overwrite: bool) -> std::result::Result<(), WriteError> {
@@ -263,6 +301,29 @@ pub fn remove_dir_if_exists(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temps_of_dead_writers_are_swept_and_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("app.bin");
+        // A pid that certainly belongs to no process: a child that has been reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = d.path().join(format!(".app.bin.tmp-{dead}-3"));
+        let ours = d
+            .path()
+            .join(format!(".app.bin.tmp-{}-999", std::process::id()));
+        let other_file = d.path().join(format!(".other.bin.tmp-{dead}-0"));
+        for f in [&stale, &ours, &other_file] {
+            fs::write(f, b"partial").unwrap();
+        }
+        write_atomic(&p, b"new").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"new");
+        assert!(!stale.exists(), "a dead writer's temp is removed");
+        assert!(ours.exists(), "this process's temps may be mid-write");
+        assert!(other_file.exists(), "only temps of the file being written");
+    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {
