@@ -11,7 +11,7 @@ use ringcast_controller::ControllerHandle;
 use ringcast_proto::testkit;
 use ringcast_proto::{
     accept_directive, Accepted, Action, AgentView, Clock, DeviceIdentity, Phase, Rejection, Source,
-    Topic,
+    StateReport, Topic,
 };
 use rumqttc::{MqttOptions, QoS};
 use std::collections::HashMap;
@@ -323,6 +323,46 @@ async fn blocked_release_unknown_device_and_unknown_release_are_refused() {
         api_code(c.unpin("ghost").await),
         (404, "not_found".to_owned())
     );
+    // A device of another class would refuse the release (the agent's `incompatible`).
+    let camera = StateReport {
+        device: "camera-0".into(),
+        ring: "canary".into(),
+        device_class: "camera-v1".into(),
+        agent_version: "test".into(),
+        current: None,
+        previous: None,
+        target: None,
+        phase: Phase::Idle,
+        rollout_id: None,
+        last_error: None,
+        windows: vec![],
+        timezone: "UTC".into(),
+        updated_at: testkit::now(),
+    };
+    fleet
+        .client
+        .publish(
+            w.topics.state("camera-0"),
+            QoS::AtLeastOnce,
+            true,
+            camera.to_bytes(),
+        )
+        .await
+        .unwrap();
+    wait_for(10, "camera known", || {
+        h.shared()
+            .devices
+            .read()
+            .unwrap()
+            .get("camera-0")
+            .and_then(|d| d.report.clone())
+    })
+    .await;
+    w.submit_now(&h, 3).await;
+    assert_eq!(
+        api_code(c.pin("camera-0", "app-3").await),
+        (409, "incompatible".to_owned())
+    );
     assert!(h.shared().state.read().unwrap().pins.is_empty());
     let refused: Vec<String> = audit(&h)
         .iter()
@@ -335,7 +375,8 @@ async fn blocked_release_unknown_device_and_unknown_release_are_refused() {
             "refused: release_blocked",
             "refused: not_found",
             "refused: not_found",
-            "refused: not_found"
+            "refused: not_found",
+            "refused: incompatible"
         ]
     );
     h.shutdown().await;
@@ -480,5 +521,56 @@ async fn a_new_rollout_on_the_ring_ends_the_pin_so_re_signing_never_pins_again()
     assert!(audit(&h)
         .iter()
         .any(|e| e.action == "unpin" && e.actor == "controller" && e.detail.contains("canary-0")));
+    h.shutdown().await;
+}
+
+/// Run the `ringcast` binary against `h` with `token` (off the async workers: it blocks).
+async fn ringcast(h: &ControllerHandle, token: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"));
+    cmd.args(args)
+        .env("RINGCAST_SERVER", h.http_url())
+        .env("RINGCAST_TOKEN", token);
+    let run = tokio::task::spawn_blocking(move || cmd.output().unwrap());
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("ringcast finished within 30 s")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_line_pins_shows_and_unpins_with_json() {
+    let w = World::new();
+    let h = w.start(w.config(vec![manual_canary()])).await;
+    let fleet = Fleet::connect(&w).await;
+    known(&h, &fleet, "canary", &["canary-0"]).await;
+    w.submit_now(&h, 2).await;
+
+    let o = ringcast(&h, OPERATOR, &["devices", "pin", "canary-0", "app-2"]).await;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("forbidden"),
+        "{o:?}"
+    );
+
+    let o = ringcast(&h, APPROVER, &["devices", "pin", "canary-0", "app-2"]).await;
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("pin       app-2"));
+
+    let o = ringcast(&h, VIEWER, &["--json", "devices", "show", "canary-0"]).await;
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["pin"]["release_id"], "app-2");
+    assert_eq!(v["pin"]["ring"], "canary");
+    let o = ringcast(&h, VIEWER, &["devices", "show", "canary-0"]).await;
+    assert!(String::from_utf8_lossy(&o.stdout).contains("pin       app-2"));
+
+    let o = ringcast(&h, APPROVER, &["--json", "devices", "unpin", "canary-0"]).await;
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["release_id"], serde_json::Value::Null);
+    assert_eq!(v["ended"], "unpinned");
+    let o = ringcast(&h, VIEWER, &["--json", "devices", "show", "canary-0"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["pin"], serde_json::Value::Null);
     h.shutdown().await;
 }
