@@ -1,6 +1,7 @@
 //! The rollout engine: one actor task that owns every rollout's state machine, decides
 //! against `clock.now()` on a short real-time tick (and at once when a report arrives), signs
-//! and publishes ring directives, and records every decision in the audit log.
+//! and publishes ring directives (and the per-device directives of pins, with the same signer
+//! and re-signing), and records every decision in the audit log.
 //!
 //! Transitions are `match (state, facts)` in [`Engine::advance`]; each new state is persisted
 //! (and flushed) before its directive is published, so a controller killed at any point
