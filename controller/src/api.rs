@@ -14,7 +14,9 @@
 //! | GET | `/api/v1/rollouts`, `/api/v1/rollouts/{id}` | viewer | state, per-ring tallies |
 //! | POST | `/api/v1/rollouts/{id}/approve` | approver | `{ring?}`: approve a `manual` ring |
 //! | POST | `/api/v1/rollouts/{id}/pause\|resume\|abort` | operator | |
-//! | GET | `/api/v1/devices?ring=&phase=&rollout=`, `/api/v1/devices/{id}` | viewer | latest report, prediction |
+//! | GET | `/api/v1/devices?ring=&phase=&rollout=`, `/api/v1/devices/{id}` | viewer | latest report, prediction, pin |
+//! | POST | `/api/v1/devices/{id}/pin` | approver | `{release_id}`: pin the device to a release (per-device directive) |
+//! | DELETE | `/api/v1/devices/{id}/pin` | approver | end the pin: the device follows its ring again |
 //! | GET | `/api/v1/audit` | viewer | the raw hash-chained log (verify it client-side) |
 //! | GET | `/api/v1/insight` | viewer | lead time, deployment frequency, change-failure rate, time to restore |
 //! | GET | `/metrics` | — | Prometheus text |
@@ -30,7 +32,8 @@ use crate::config::{ApiRole, Promotion};
 use crate::engine::{self, Actor, EngineHandle, RolloutAction, Submit};
 use crate::error::Error;
 use crate::model::{
-    Approval, DeviceRecord, ReleaseRecord, Rollout, RolloutState, Stage, StepRecord, Tally,
+    Approval, DevicePin, DeviceRecord, ReleaseRecord, Rollout, RolloutState, Stage, StepRecord,
+    Tally,
 };
 use crate::shared::Shared;
 use axum::body::Bytes;
@@ -128,6 +131,10 @@ pub fn router(app: App) -> Router {
         .route("/api/v1/rollouts/{id}/{action}", post(act_rollout))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(show_device))
+        .route(
+            "/api/v1/devices/{id}/pin",
+            post(pin_device).delete(unpin_device),
+        )
         .route("/api/v1/audit", get(audit_log))
         .route("/api/v1/insight", get(insight))
         .with_state(app)
@@ -142,6 +149,19 @@ fn authorize(
     action: &str,
     target: Option<&str>,
 ) -> ApiResult<Actor> {
+    authorize_on(app, headers, need, action, target, None)
+}
+
+/// [`authorize`], with `subject` (e.g. `device d-1`) leading the detail of a refusal so the
+/// audit log says what was aimed at when no rollout was.
+fn authorize_on(
+    app: &App,
+    headers: &HeaderMap,
+    need: ApiRole,
+    action: &str,
+    target: Option<&str>,
+    subject: Option<&str>,
+) -> ApiResult<Actor> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -152,6 +172,10 @@ fn authorize(
         app.shared.tokens.iter().find(|e| e.digest() == digest)
     });
     let deny = |actor: &str, role: Option<&str>, status: StatusCode, code: &str, detail: String| {
+        let detail = match subject {
+            Some(s) => format!("{s}: {detail}"),
+            None => detail,
+        };
         app.shared
             .counters
             .auth_denied
@@ -717,6 +741,9 @@ pub struct DeviceView {
     pub online: Option<bool>,
     /// When the live rollout is predicted to reach it.
     pub prediction: Option<engine::insight::Prediction>,
+    /// The pin standing on the device, if any.
+    #[serde(default)]
+    pub pin: Option<PinView>,
     /// Full record.
     pub record: DeviceRecord,
 }
@@ -744,6 +771,14 @@ fn device_view(app: &App, d: &DeviceRecord) -> DeviceView {
             let st = app.shared.state.read().unwrap_or_else(|p| p.into_inner());
             engine::insight::predict(&app.shared.policy, &st, d, now)
         },
+        pin: app
+            .shared
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .pins
+            .get(&d.id)
+            .and_then(PinView::standing),
         record: d.clone(),
     }
 }
@@ -803,6 +838,100 @@ async fn show_device(
             id: id.clone(),
         })?;
     Ok(Json(device_view(&app, &d)))
+}
+
+/// A device's pin as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PinView {
+    /// Device id.
+    pub device: String,
+    /// Release the device is pinned to (`None` once the pin ended).
+    pub release_id: Option<String>,
+    /// Rollout id of the per-device directive.
+    pub rollout_id: String,
+    /// The device's ring when pinned.
+    pub ring: String,
+    /// Who set (or ended) it.
+    pub by: String,
+    /// When.
+    pub at: Timestamp,
+    /// Sequence last signed on the device's directive topic.
+    pub sequence: u64,
+    /// When the current signature expires (re-signed before).
+    pub expires_at: Timestamp,
+    /// Why it ended, once it has.
+    pub ended: Option<String>,
+}
+
+impl From<&DevicePin> for PinView {
+    fn from(p: &DevicePin) -> PinView {
+        PinView {
+            device: p.directive.device.clone().unwrap_or_default(),
+            release_id: p.pinned_release().map(str::to_owned),
+            rollout_id: p.directive.rollout_id.clone(),
+            ring: p.directive.ring.clone(),
+            by: p.by.clone(),
+            at: p.at,
+            sequence: p.directive.sequence,
+            expires_at: p.directive.expires_at,
+            ended: p.ended.clone(),
+        }
+    }
+}
+
+impl PinView {
+    /// The view of a pin that still stands (an ended one is history, not state).
+    fn standing(p: &DevicePin) -> Option<PinView> {
+        p.pinned_release().is_some().then(|| PinView::from(p))
+    }
+}
+
+/// Body of `POST /api/v1/devices/{id}/pin`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinRequest {
+    /// Release id (`{name}-{sequence}`).
+    pub release_id: String,
+}
+
+async fn pin_device(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<PinView>> {
+    // Pinning puts software on a device outside the rings' gates: as strong as an approval.
+    let subject = format!("device {id}");
+    let actor = authorize_on(
+        &app,
+        &headers,
+        ApiRole::Approver,
+        "pin",
+        None,
+        Some(&subject),
+    )?;
+    let req: PinRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.to_string()))?;
+    let p = app.engine.pin(id, req.release_id, actor).await?;
+    Ok(Json(PinView::from(&p)))
+}
+
+async fn unpin_device(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<PinView>> {
+    let subject = format!("device {id}");
+    let actor = authorize_on(
+        &app,
+        &headers,
+        ApiRole::Approver,
+        "unpin",
+        None,
+        Some(&subject),
+    )?;
+    let p = app.engine.unpin(id, actor).await?;
+    Ok(Json(PinView::from(&p)))
 }
 
 async fn audit_log(

@@ -2,7 +2,8 @@
 //! `devices …`, `audit verify`).
 
 use crate::api::{
-    DeviceView, ErrorBody, ReleaseView, RolloutView, SubmitRequest, SubmitResponse, UploadResponse,
+    DeviceView, ErrorBody, PinRequest, PinView, ReleaseView, RolloutView, SubmitRequest,
+    SubmitResponse, UploadResponse,
 };
 use crate::audit::RawLog;
 use serde::de::DeserializeOwned;
@@ -215,6 +216,30 @@ impl Client {
     pub async fn device(&self, id: &str) -> Result<DeviceView, ClientError> {
         self.send(self.req(reqwest::Method::GET, &format!("/api/v1/devices/{id}")))
             .await
+    }
+
+    /// Pin a device to a release.
+    pub async fn pin(&self, device: &str, release_id: &str) -> Result<PinView, ClientError> {
+        let body = PinRequest {
+            release_id: release_id.into(),
+        };
+        self.send(
+            self.req(
+                reqwest::Method::POST,
+                &format!("/api/v1/devices/{device}/pin"),
+            )
+            .json(&body),
+        )
+        .await
+    }
+
+    /// End a device's pin.
+    pub async fn unpin(&self, device: &str) -> Result<PinView, ClientError> {
+        self.send(self.req(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/devices/{device}/pin"),
+        ))
+        .await
     }
 
     /// Delivery insight.

@@ -1,6 +1,7 @@
 //! The rollout engine: one actor task that owns every rollout's state machine, decides
 //! against `clock.now()` on a short real-time tick (and at once when a report arrives), signs
-//! and publishes ring directives, and records every decision in the audit log.
+//! and publishes ring directives (and the per-device directives of pins, with the same signer
+//! and re-signing), and records every decision in the audit log.
 //!
 //! Transitions are `match (state, facts)` in [`Engine::advance`]; each new state is persisted
 //! (and flushed) before its directive is published, so a controller killed at any point
@@ -11,8 +12,8 @@ use crate::checks;
 use crate::config::{OnFailure, Promotion, RingPolicy};
 use crate::error::{Error, Result};
 use crate::model::{
-    Approval, DeviceRecord, ReleaseRecord, RingDirective, Rollout, RolloutState, Stage, StepRecord,
-    Tally,
+    Approval, DevicePin, DeviceRecord, ReleaseRecord, RingDirective, Rollout, RolloutState, Stage,
+    StepRecord, Tally,
 };
 use crate::shared::Shared;
 use jiff::{SignedDuration, Timestamp};
@@ -34,6 +35,14 @@ pub struct Actor {
 }
 
 impl Actor {
+    /// The audit record of a refused request (`outcome` = `refused: <code>`).
+    fn refused(&self, action: &str, ring: Option<&str>, detail: String, e: &Error) -> Record {
+        Record {
+            outcome: format!("refused: {}", e.code()),
+            ..self.record(action, None, ring, format!("{detail}: {e}"))
+        }
+    }
+
     fn record(
         &self,
         action: &str,
@@ -123,6 +132,26 @@ pub enum Command {
         /// Reply.
         reply: oneshot::Sender<Result<ReleaseRecord>>,
     },
+    /// Pin a device to a release (a per-device `install` directive).
+    Pin {
+        /// Device id.
+        device: String,
+        /// Release id.
+        release: String,
+        /// Who.
+        actor: Actor,
+        /// Reply.
+        reply: oneshot::Sender<Result<DevicePin>>,
+    },
+    /// End a device's pin (a per-device `hold`: the device follows its ring again).
+    Unpin {
+        /// Device id.
+        device: String,
+        /// Who.
+        actor: Actor,
+        /// Reply.
+        reply: oneshot::Sender<Result<DevicePin>>,
+    },
     /// Acceptance checks finished.
     ChecksDone {
         /// Rollout id.
@@ -190,6 +219,27 @@ impl EngineHandle {
         .await
     }
 
+    /// Pin `device` to release `release`.
+    pub async fn pin(&self, device: String, release: String, actor: Actor) -> Result<DevicePin> {
+        self.call(|reply| Command::Pin {
+            device,
+            release,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// End `device`'s pin.
+    pub async fn unpin(&self, device: String, actor: Actor) -> Result<DevicePin> {
+        self.call(|reply| Command::Unpin {
+            device,
+            actor,
+            reply,
+        })
+        .await
+    }
+
     /// Tell the engine the broker connection is fresh.
     pub fn reconnected(&self) {
         let _ = self.tx.try_send(Command::Reconnected);
@@ -205,6 +255,8 @@ pub struct EngineState {
     pub rollouts: BTreeMap<String, Rollout>,
     /// Standing ring directives by ring name.
     pub rings: BTreeMap<String, RingDirective>,
+    /// Standing per-device directives (pins, and the holds that ended them) by device id.
+    pub pins: BTreeMap<String, DevicePin>,
     /// Last completed release id per release name (rollback target).
     pub last_good: BTreeMap<String, String>,
 }
@@ -425,6 +477,9 @@ impl Engine {
         for r in st.rings.values() {
             self.shared.store.put_ring(r)?;
         }
+        for p in st.pins.values() {
+            self.shared.store.put_pin(p)?;
+        }
         self.shared.store.set_meta("last_good", &st.last_good)?;
         Ok(())
     }
@@ -455,6 +510,23 @@ impl Engine {
                 reply,
             } => {
                 let r = self.unblock(&release, &actor);
+                let _ = reply.send(r);
+            }
+            Command::Pin {
+                device,
+                release,
+                actor,
+                reply,
+            } => {
+                let r = self.pin(&device, &release, &actor);
+                let _ = reply.send(r);
+            }
+            Command::Unpin {
+                device,
+                actor,
+                reply,
+            } => {
+                let r = self.unpin(&device, &actor);
                 let _ = reply.send(r);
             }
             Command::ChecksDone {
@@ -730,7 +802,7 @@ impl Engine {
         Ok(out)
     }
 
-    /// Sign a ring directive at `now` and queue it.
+    /// Sign a ring directive (or, with `device` set, a per-device one) at `now` and queue it.
     fn sign_ring(
         &mut self,
         spec: &mut RingDirective,
@@ -754,7 +826,7 @@ impl Engine {
         let d = Directive {
             fleet: self.shared.policy.fleet.clone(),
             ring: spec.ring.clone(),
-            device: None,
+            device: spec.device.clone(),
             rollout_id: spec.rollout_id.clone(),
             sequence: spec.sequence,
             issued_at: spec.issued_at,
@@ -769,8 +841,12 @@ impl Engine {
             activation: spec.activation.clone(),
         };
         let env = d.sign(&[&self.shared.key]);
+        let topic = match &spec.device {
+            Some(device) => self.shared.topics.device_directive(device),
+            None => self.shared.topics.ring_directive(&spec.ring),
+        };
         self.outbox.push(Publish {
-            topic: self.shared.topics.ring_directive(&spec.ring),
+            topic,
             payload: env.to_vec(),
         });
         self.dirty = true;
@@ -789,8 +865,10 @@ impl Engine {
         let now = self.now();
         let st = self.state();
         let prev_seq = st.rings.get(ring).map(|r| r.sequence).unwrap_or(0);
+        let prev_rollout = st.rings.get(ring).map(|r| r.rollout_id.clone());
         let mut spec = RingDirective {
             ring: ring.into(),
+            device: None,
             rollout_id: rollout_id.into(),
             action,
             release_id,
@@ -804,23 +882,19 @@ impl Engine {
         drop(st);
         self.sign_ring(&mut spec, &releases, now);
         self.state().rings.insert(ring.into(), spec);
+        if prev_rollout.as_deref() != Some(rollout_id) {
+            self.end_pins_for_ring_rollout(ring, rollout_id);
+        }
     }
 
     /// Re-sign every standing directive and the trust root (start-up, broker reconnect).
     fn republish_all(&mut self) {
         let now = self.now();
-        let (mut rings, releases) = {
-            let st = self.state();
-            (st.rings.clone(), st.releases.clone())
-        };
         self.outbox.push(Publish {
             topic: self.shared.topics.trust(),
             payload: self.shared.trust_envelope.clone(),
         });
-        for spec in rings.values_mut() {
-            self.sign_ring(spec, &releases, now);
-        }
-        self.state().rings = rings;
+        self.resign(now, None);
     }
 
     /// Re-sign directives past half their lifetime (freeze protection).
@@ -828,20 +902,198 @@ impl Engine {
         let half = SignedDuration::from_millis(
             self.shared.policy.directive_ttl.signed().as_millis() as i64 / 2,
         );
-        let (mut rings, releases) = {
+        self.resign(now, Some(half));
+    }
+
+    /// Re-sign the standing ring and device directives: all of them, or with `due_after` only
+    /// those signed longer ago than that (or, after a clock step back, in the future).
+    fn resign(&mut self, now: Timestamp, due_after: Option<SignedDuration>) {
+        let (mut rings, mut pins, releases) = {
             let st = self.state();
-            (st.rings.clone(), st.releases.clone())
+            (st.rings.clone(), st.pins.clone(), st.releases.clone())
         };
         let mut any = false;
-        for spec in rings.values_mut() {
-            let due = spec.issued_at.checked_add(half).unwrap_or(Timestamp::MAX);
-            if now >= due || now < spec.issued_at {
+        let specs = rings
+            .values_mut()
+            .chain(pins.values_mut().map(|p| &mut p.directive));
+        for spec in specs {
+            let due = match due_after {
+                None => true,
+                Some(after) => {
+                    let at = spec.issued_at.checked_add(after).unwrap_or(Timestamp::MAX);
+                    now >= at || now < spec.issued_at
+                }
+            };
+            if due {
                 self.sign_ring(spec, &releases, now);
                 any = true;
             }
         }
         if any {
-            self.state().rings = rings;
+            let mut st = self.state();
+            st.rings = rings;
+            st.pins = pins;
+        }
+    }
+
+    /// Pin `device` to release `release_id`: a signed, retained per-device `install` that the
+    /// agent prefers over its ring's directive until unpinned or its ring gets a new rollout.
+    fn pin(&mut self, device: &str, release_id: &str, actor: &Actor) -> Result<DevicePin> {
+        let detail = format!("device {device}: pin to {release_id}");
+        let ring = self.device_ring(device);
+        let checked = ring.and_then(|(ring, class)| {
+            let st = self.state();
+            let rel = st.releases.get(release_id).ok_or_else(|| Error::NotFound {
+                what: "release",
+                id: release_id.into(),
+            })?;
+            if let Some(why) = &rel.blocked {
+                return Err(Error::conflict(
+                    "release_blocked",
+                    format!("release {release_id} was halted ({why}); unblock it first"),
+                ));
+            }
+            // The agent would refuse it (`incompatible`): say so now, not after publishing.
+            if !rel.release.is_compatible(&class) {
+                return Err(Error::conflict(
+                    "incompatible",
+                    format!(
+                        "release {release_id} is for {}, device {device} is a {class}",
+                        rel.release.compatible.join(",")
+                    ),
+                ));
+            }
+            let ring_rollout = st.rings.get(&ring).map(|d| d.rollout_id.clone());
+            Ok((ring, ring_rollout))
+        });
+        let (ring, ring_rollout) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                self.audit(actor.refused("pin", None, detail, &e));
+                return Err(e);
+            }
+        };
+        let prev = self.state().pins.get(device).cloned();
+        let issued = prev.as_ref().map_or(0, |p| p.issued) + 1;
+        let rollout_id = format!("pin-{device}-{issued}");
+        let pin = DevicePin {
+            directive: RingDirective {
+                ring: ring.clone(),
+                device: Some(device.into()),
+                rollout_id: rollout_id.clone(),
+                action: Action::Install,
+                release_id: Some(release_id.into()),
+                percent: Percent::FULL,
+                activation: Activation::default(),
+                sequence: prev.map_or(0, |p| p.directive.sequence),
+                issued_at: self.now(),
+                expires_at: self.now(),
+            },
+            by: actor.name.clone(),
+            at: self.now(),
+            ring_rollout,
+            issued,
+            ended: None,
+        };
+        let pin = self.set_pin(pin);
+        self.audit(actor.record("pin", Some(&rollout_id), Some(&ring), detail));
+        info!(%device, release = %release_id, %rollout_id, "device pinned");
+        Ok(pin)
+    }
+
+    /// End `device`'s pin with a per-device `hold`.
+    fn unpin(&mut self, device: &str, actor: &Actor) -> Result<DevicePin> {
+        let detail = format!("device {device}: unpin");
+        let standing = self.state().pins.get(device).cloned();
+        let pin = match standing {
+            Some(p) if p.pinned_release().is_some() => p,
+            other => {
+                let e = if other.is_none() && self.device_ring(device).is_err() {
+                    Error::NotFound {
+                        what: "device",
+                        id: device.into(),
+                    }
+                } else {
+                    Error::conflict("not_pinned", format!("device {device} is not pinned"))
+                };
+                self.audit(actor.refused("unpin", None, detail, &e));
+                return Err(e);
+            }
+        };
+        let released = pin.pinned_release().unwrap_or_default().to_owned();
+        let (rollout_id, ring) = (pin.directive.rollout_id.clone(), pin.directive.ring.clone());
+        let out = self.end_pin(pin, &actor.name, "unpinned".into());
+        self.audit(actor.record(
+            "unpin",
+            Some(&rollout_id),
+            Some(&ring),
+            format!("{detail} (was pinned to {released})"),
+        ));
+        info!(%device, %rollout_id, "device unpinned");
+        Ok(out)
+    }
+
+    /// A device's ring and class, from its last report (`not_found` without one).
+    fn device_ring(&self, device: &str) -> Result<(String, String)> {
+        let devices = self
+            .shared
+            .devices
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        devices
+            .get(device)
+            .and_then(|d| d.report.as_ref())
+            .map(|r| (r.ring.clone(), r.device_class.clone()))
+            .ok_or_else(|| Error::NotFound {
+                what: "device",
+                id: device.into(),
+            })
+    }
+
+    /// Replace a pin's directive with a `hold` (same rollout id: it ends that pin).
+    fn end_pin(&mut self, mut pin: DevicePin, by: &str, why: String) -> DevicePin {
+        pin.directive.action = Action::Hold;
+        pin.directive.release_id = None;
+        pin.by = by.into();
+        pin.at = self.now();
+        pin.ended = Some(why);
+        self.set_pin(pin)
+    }
+
+    /// Sign a device's directive, keep it standing (persisted before it is published) and
+    /// return it as signed.
+    fn set_pin(&mut self, mut pin: DevicePin) -> DevicePin {
+        let now = self.now();
+        let releases = self.state().releases.clone();
+        self.sign_ring(&mut pin.directive, &releases, now);
+        let device = pin.directive.device.clone().unwrap_or_default();
+        self.state().pins.insert(device, pin.clone());
+        pin
+    }
+
+    /// A ring directive for a new rollout ends the pins of that ring's devices on the devices
+    /// themselves (agent rule); end them here too, or the next re-signing would pin again.
+    fn end_pins_for_ring_rollout(&mut self, ring: &str, rollout_id: &str) {
+        let ending: Vec<DevicePin> = self
+            .state()
+            .pins
+            .values()
+            .filter(|p| p.directive.ring == ring && p.pinned_release().is_some())
+            .filter(|p| p.ring_rollout.as_deref() != Some(rollout_id))
+            .cloned()
+            .collect();
+        for pin in ending {
+            let device = pin.directive.device.clone().unwrap_or_default();
+            let pin_id = pin.directive.rollout_id.clone();
+            let why = format!("ring {ring} got rollout {rollout_id}");
+            self.end_pin(pin, "controller", why.clone());
+            self.audit(Record::auto(
+                "unpin",
+                &pin_id,
+                Some(ring),
+                format!("device {device}: pin ended: {why}"),
+            ));
+            info!(%device, %pin_id, %ring, "new ring rollout ends the device pin");
         }
     }
 
@@ -1410,6 +1662,11 @@ pub fn load_state(store: &crate::store::Store) -> Result<EngineState> {
             .rings()?
             .into_iter()
             .map(|r| (r.ring.clone(), r))
+            .collect(),
+        pins: store
+            .pins()?
+            .into_iter()
+            .filter_map(|p| Some((p.directive.device.clone()?, p)))
             .collect(),
         last_good: store.meta("last_good")?.unwrap_or_default(),
     })

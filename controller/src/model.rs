@@ -206,6 +206,9 @@ pub struct RolloutInsight {
 pub struct RingDirective {
     /// Ring.
     pub ring: String,
+    /// Set on a per-device directive (a pin): published on `…/devices/{device}/directive`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Rollout id in the directive (ramp seed).
     pub rollout_id: String,
     /// `install` or `hold`.
@@ -222,6 +225,37 @@ pub struct RingDirective {
     pub issued_at: Timestamp,
     /// When the last signature expires.
     pub expires_at: Timestamp,
+}
+
+/// The directive the controller keeps standing on one device's topic: a pin, or the `hold`
+/// that ended one (kept and re-signed too, so a device offline at unpin time still hears it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevicePin {
+    /// What is signed (its `device` is set; `ring` is the device's ring when pinned).
+    pub directive: RingDirective,
+    /// Token name that set the pin or ended it (`controller` when a ring rollout ended it).
+    pub by: String,
+    /// When it was set or ended.
+    pub at: Timestamp,
+    /// The ring's standing rollout when pinned: a ring directive for any other rollout ends
+    /// the pin on the device, so the controller ends it too (and stops re-signing it).
+    #[serde(default)]
+    pub ring_rollout: Option<String>,
+    /// Pins issued to this device so far (numbers their rollout ids).
+    pub issued: u64,
+    /// Why the last pin ended, while it stands as a hold.
+    #[serde(default)]
+    pub ended: Option<String>,
+}
+
+impl DevicePin {
+    /// The release the device is pinned to, if the pin stands.
+    pub fn pinned_release(&self) -> Option<&str> {
+        match self.directive.action {
+            ringcast_proto::Action::Install => self.directive.release_id.as_deref(),
+            ringcast_proto::Action::Hold => None,
+        }
+    }
 }
 
 /// What the controller knows about a device.

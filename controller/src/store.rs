@@ -3,7 +3,7 @@
 
 use crate::audit::AuditLog;
 use crate::error::{Error, Result};
-use crate::model::{DeviceRecord, ReleaseRecord, RingDirective, Rollout};
+use crate::model::{DevicePin, DeviceRecord, ReleaseRecord, RingDirective, Rollout};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::Path;
@@ -29,6 +29,7 @@ pub struct Store {
     releases: sled::Tree,
     rollouts: sled::Tree,
     rings: sled::Tree,
+    pins: sled::Tree,
     /// Device records, written in batches by ingestion.
     pub devices: sled::Tree,
     /// Events by id (dedupe and evidence).
@@ -62,6 +63,7 @@ impl Store {
             releases: db.open_tree("releases")?,
             rollouts: db.open_tree("rollouts")?,
             rings: db.open_tree("rings")?,
+            pins: db.open_tree("pins")?,
             devices: db.open_tree("devices")?,
             events: db.open_tree("events")?,
             meta: db.open_tree("meta")?,
@@ -122,6 +124,18 @@ impl Store {
     /// All ring directives.
     pub fn rings(&self) -> Result<Vec<RingDirective>> {
         Store::all(&self.rings, "ring directive")
+    }
+
+    /// Save a device's standing directive (pin or the hold that ended it).
+    pub fn put_pin(&self, p: &DevicePin) -> Result<()> {
+        let key = p.directive.device.as_deref().unwrap_or_default();
+        self.pins.insert(key.as_bytes(), enc("device pin", p)?)?;
+        Ok(())
+    }
+
+    /// All device pins (standing and ended).
+    pub fn pins(&self) -> Result<Vec<DevicePin>> {
+        Store::all(&self.pins, "device pin")
     }
 
     /// All device records.

@@ -1,4 +1,4 @@
-//! `ringcast devices list|show`.
+//! `ringcast devices list|show|pin|unpin`.
 
 use super::common::{block_on, print_json, table, Conn};
 use clap::Subcommand;
@@ -31,6 +31,38 @@ enum DevicesCommand {
         /// Device id.
         device: String,
     },
+    /// Pin a device to a release (hotfix, or hold it back), outside the rings' gates.
+    /// Needs an approver token. Ends with `unpin` or the device ring's next rollout.
+    Pin {
+        /// Device id.
+        device: String,
+        /// Release id (`{name}-{sequence}`).
+        release_id: String,
+    },
+    /// End a device's pin: it follows its ring again. Needs an approver token.
+    Unpin {
+        /// Device id.
+        device: String,
+    },
+}
+
+fn print_pin(p: &ringcast_controller::api::PinView) {
+    match &p.release_id {
+        Some(r) => println!(
+            "pin       {r} ({}, ring {}, by {} at {})",
+            p.rollout_id, p.ring, p.by, p.at
+        ),
+        None => println!(
+            "pin       none ({} ended by {} at {}{})",
+            p.rollout_id,
+            p.by,
+            p.at,
+            p.ended
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ),
+    }
 }
 
 /// Run `ringcast devices …`.
@@ -100,6 +132,9 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
                     println!("error     {}: {}", e.reason, e.detail);
                 }
             }
+            if let Some(p) = &d.pin {
+                print_pin(p);
+            }
             if let Some(p) = &d.prediction {
                 match p.at {
                     Some(at) => println!("update    {at} with {} ({})", p.rollout_id, p.note),
@@ -124,6 +159,24 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+        DevicesCommand::Pin { device, release_id } => {
+            let p = block_on(c.pin(&device, &release_id))??;
+            if json {
+                return print_json(&p);
+            }
+            println!("device    {}", p.device);
+            print_pin(&p);
+            Ok(())
+        }
+        DevicesCommand::Unpin { device } => {
+            let p = block_on(c.unpin(&device))??;
+            if json {
+                return print_json(&p);
+            }
+            println!("device    {}", p.device);
+            print_pin(&p);
             Ok(())
         }
     }
