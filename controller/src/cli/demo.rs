@@ -12,8 +12,8 @@ pub struct Args {
     /// Number of simulated devices (real agents, one MQTT connection each).
     #[arg(long, default_value_t = 50)]
     pub devices: usize,
-    /// Bake time of each ring step, e.g. `2s`.
-    #[arg(long, default_value = "2s")]
+    /// Bake time of each ring step, e.g. `2s` (the default keeps the whole demo near 15 s).
+    #[arg(long, default_value = "1500ms")]
     pub bake: ringcast_proto::Dur,
     /// Print plain lines even on a terminal.
     #[arg(long)]

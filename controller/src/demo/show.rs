@@ -59,8 +59,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             devices: 50,
-            bake: Duration::from_secs(2),
-            approval_pause: Duration::from_millis(1500),
+            bake: Duration::from_millis(1500),
+            approval_pause: Duration::from_millis(1000),
             rollout_timeout: Duration::from_secs(90),
             tty: false,
             progress_to_stderr: false,
