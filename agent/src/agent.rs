@@ -558,6 +558,12 @@ impl Agent {
     // ----- inbound --------------------------------------------------------------------------
 
     async fn on_message(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
+        if payload.is_empty() {
+            // An empty retained message is how MQTT deletes one: the controller clears a
+            // device directive it has retired. Nothing to verify, nothing to report.
+            tracing::debug!(%topic, "retained message cleared");
+            return Ok(());
+        }
         match self.topics.parse(topic) {
             Ok(Topic::Trust) => self.on_trust(payload),
             Ok(Topic::RingDirective(r)) if r == self.cfg.ring => {

@@ -1072,28 +1072,45 @@ impl Engine {
     }
 
     /// A ring directive for a new rollout ends the pins of that ring's devices on the devices
-    /// themselves (agent rule); end them here too, or the next re-signing would pin again.
+    /// themselves (agent rule), so every device directive of that ring, a standing pin or
+    /// the hold an unpin left, has nothing more to say: retire it. It is deleted from the
+    /// database first, then its retained message is cleared (an empty retained publish), so
+    /// neither a re-signing nor a restart brings it back.
     fn end_pins_for_ring_rollout(&mut self, ring: &str, rollout_id: &str) {
         let ending: Vec<DevicePin> = self
             .state()
             .pins
             .values()
-            .filter(|p| p.directive.ring == ring && p.pinned_release().is_some())
+            .filter(|p| p.directive.ring == ring)
             .filter(|p| p.ring_rollout.as_deref() != Some(rollout_id))
             .cloned()
             .collect();
         for pin in ending {
             let device = pin.directive.device.clone().unwrap_or_default();
             let pin_id = pin.directive.rollout_id.clone();
+            if let Err(e) = self.shared.store.delete_pin(&device) {
+                warn!(%device, error = %e, "retiring the device directive failed; it stands");
+                continue;
+            }
+            self.state().pins.remove(&device);
+            self.dirty = true;
+            self.outbox.push(Publish {
+                topic: self.shared.topics.device_directive(&device),
+                payload: Vec::new(),
+            });
             let why = format!("ring {ring} got rollout {rollout_id}");
-            self.end_pin(pin, "controller", why.clone());
-            self.audit(Record::auto(
-                "unpin",
-                &pin_id,
-                Some(ring),
-                format!("device {device}: pin ended: {why}"),
-            ));
-            info!(%device, %pin_id, %ring, "new ring rollout ends the device pin");
+            let (action, detail) = match pin.pinned_release() {
+                Some(release) => (
+                    "unpin",
+                    format!("device {device}: pin to {release} ended: {why}"),
+                ),
+                None => (
+                    "pin_retired",
+                    format!("device {device}: hold retired: {why}"),
+                ),
+            };
+            self.audit(Record::auto(action, &pin_id, Some(ring), detail));
+            info!(%device, %pin_id, %ring, "new ring rollout retires the device directive");
         }
     }
 

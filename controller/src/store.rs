@@ -133,6 +133,12 @@ impl Store {
         Ok(())
     }
 
+    /// Forget a device's standing directive (retired: its ring has moved on).
+    pub fn delete_pin(&self, device: &str) -> Result<()> {
+        self.pins.remove(device.as_bytes())?;
+        Ok(())
+    }
+
     /// All device pins (standing and ended).
     pub fn pins(&self) -> Result<Vec<DevicePin>> {
         Store::all(&self.pins, "device pin")

@@ -488,39 +488,44 @@ async fn a_new_rollout_on_the_ring_ends_the_pin_so_re_signing_never_pins_again()
         .directive;
     assert_eq!(resigned.action, Action::Install);
     assert_eq!(resigned.rollout_id, pin.rollout_id);
-    // ... a new rollout on the ring (release 3's, scheduled two days out) ends it, as on the
-    // device: the controller publishes a hold and keeps re-signing that, not the pin.
+    // canary-1 was pinned and unpinned: the hold that unpin left stands too.
+    api(&h, APPROVER).pin("canary-1", "app-3").await.unwrap();
+    api(&h, APPROVER).unpin("canary-1").await.unwrap();
+    watch
+        .wait_accepted(&w, "canary-1", "canary", None, "unpin hold", |a| {
+            a.directive.action == Action::Hold
+        })
+        .await;
+    // ... a new rollout on the ring (release 3's, scheduled two days out) ends the pin on
+    // the device (agent rule), so the controller retires both device directives: deleted
+    // from its state and cleared from the broker (an empty retained message), never
+    // re-signed again.
     w.advance("48h");
-    let hold = watch
-        .wait_accepted(
-            &w,
-            "canary-0",
-            "canary",
-            Some(resigned.sequence),
-            "pin ended by the new rollout",
-            |a| a.directive.action == Action::Hold,
-        )
-        .await
-        .directive;
-    let shown = h.shared().state.read().unwrap().pins["canary-0"].clone();
-    assert!(shown.pinned_release().is_none());
-    assert!(shown.ended.is_some_and(|e| e.contains("app-3")));
-    w.advance("31m");
-    let again = watch
-        .wait_accepted(
-            &w,
-            "canary-0",
-            "canary",
-            Some(hold.sequence),
-            "re-signed",
-            |_| true,
-        )
-        .await
-        .directive;
-    assert_eq!(again.action, Action::Hold, "re-signing does not pin again");
-    assert!(audit(&h)
+    for device in ["canary-0", "canary-1"] {
+        wait_for(10, &format!("{device}'s directive cleared"), || {
+            watch.bytes(device).filter(|b| b.is_empty())
+        })
+        .await;
+    }
+    assert!(h.shared().state.read().unwrap().pins.is_empty());
+    assert!(
+        h.shared().store.pins().unwrap().is_empty(),
+        "deleted, not just hidden"
+    );
+    let log = audit(&h);
+    assert!(log.iter().any(|e| e.action == "unpin"
+        && e.actor == "controller"
+        && e.detail.contains("canary-0")
+        && e.detail.contains("app-3")));
+    assert!(log
         .iter()
-        .any(|e| e.action == "unpin" && e.actor == "controller" && e.detail.contains("canary-0")));
+        .any(|e| e.action == "pin_retired" && e.detail.contains("canary-1")));
+    // Nothing stands to be re-signed, and a restart brings nothing back.
+    h.shutdown().await;
+    let h = w
+        .start(w.config(vec![ring("canary", &[100.0], "10m", 1, 0.2)]))
+        .await;
+    assert!(h.shared().state.read().unwrap().pins.is_empty());
     h.shutdown().await;
 }
 
