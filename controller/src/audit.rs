@@ -97,6 +97,14 @@ pub struct AuditLog {
     appended: tokio::sync::watch::Sender<u64>,
 }
 
+/// The seq an entry key names (`e` + big-endian seq); 0 for a key of another shape.
+fn key_seq(k: &[u8]) -> u64 {
+    match k {
+        [b'e', rest @ ..] => <[u8; 8]>::try_from(rest).map_or(0, u64::from_be_bytes),
+        _ => 0,
+    }
+}
+
 fn entry_key(seq: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = b'e';
@@ -139,10 +147,7 @@ impl AuditLog {
         let mut out = Vec::new();
         for kv in self.tree.range(start..=end).take(limit) {
             let (k, v) = kv?;
-            let seq = k
-                .get(1..9)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(0, u64::from_be_bytes);
+            let seq = key_seq(&k);
             let body = v.get(64..).unwrap_or_default();
             let e: AuditEntry = serde_json::from_slice(body)
                 .map_err(|e| Error::corrupt(format!("audit entry {seq}"), e))?;
@@ -218,13 +223,7 @@ pub fn export(tree: &sled::Tree) -> Result<RawLog> {
     let mut out = RawLog::default();
     for kv in tree.scan_prefix(b"e") {
         let (k, v) = kv?;
-        let seq = if k.len() == 9 {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&k[1..]);
-            u64::from_be_bytes(b)
-        } else {
-            0
-        };
+        let seq = key_seq(&k);
         out.entries.push(RawEntry {
             key_seq: seq,
             value: String::from_utf8_lossy(&v).into_owned(),

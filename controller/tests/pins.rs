@@ -13,7 +13,7 @@ use ringcast_proto::{
     accept_directive, Accepted, Action, AgentView, Clock, DeviceIdentity, Phase, Rejection, Source,
     StateReport, Topic,
 };
-use rumqttc::{MqttOptions, QoS};
+use rumqttc::QoS;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,14 +26,7 @@ struct DeviceWatcher {
 
 impl DeviceWatcher {
     async fn start(w: &World) -> DeviceWatcher {
-        ringcast_controller::mqtt::install_crypto_provider();
-        let mut o = MqttOptions::new(
-            format!("pin-watch-{}", std::process::id()),
-            "127.0.0.1",
-            w.broker_port,
-        );
-        o.set_max_packet_size(256 * 1024, 256 * 1024);
-        let (c, mut el) = rumqttc::AsyncClient::new(o, 100);
+        let (c, mut el) = mqtt(w.broker_port, &format!("pin-watch-{}", rand_id()));
         let filter = format!("{}/devices/+/directive", w.topics.prefix());
         c.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
         let me = DeviceWatcher::default();

@@ -180,7 +180,8 @@ pub async fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>
     }
 }
 
-fn mqtt(port: u16, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
+/// A plain MQTT test client on the embedded broker (large packets, TCP_NODELAY).
+pub fn mqtt(port: u16, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
     ringcast_controller::mqtt::install_crypto_provider();
     let mut o = MqttOptions::new(id, "127.0.0.1", port);
     o.set_max_packet_size(256 * 1024, 256 * 1024);
@@ -251,7 +252,7 @@ impl Watcher {
     }
 }
 
-fn rand_id() -> String {
+pub fn rand_id() -> String {
     let mut b = [0u8; 6];
     getrandom::getrandom(&mut b).unwrap();
     hex::encode(b)
