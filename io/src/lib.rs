@@ -1,0 +1,10 @@
+//! `ringcast-io`: the I/O that both Ringcast daemons share, so that neither links the other.
+//!
+//! - [`mqtt`]: one MQTT session type over rumqttc that speaks MQTT 5 (the default: the client
+//!   announces a Maximum Packet Size, so a broker never sends it a larger packet) or MQTT 3.1.1
+//!   (older brokers, NATS), with the same events and requests either way.
+//!
+//! The crate holds mechanisms, not rules: what a Ringcast message means is `ringcast-proto`'s
+//! business, what to do with it the agent's and the controller's.
+
+pub mod mqtt;
