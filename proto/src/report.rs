@@ -80,6 +80,13 @@ pub struct ErrorInfo {
 pub struct StateReport {
     /// Device id.
     pub device: String,
+    /// Per-device report sequence: every report the device publishes carries a higher one
+    /// (`max(last + 1, unix time in ms)`, persisted on the device, so a restart or a wiped
+    /// store still counts upwards). The controller never replaces a report with one of a lower
+    /// `seq` (e.g. a retained copy a broker restored from an old save). 0 = an agent from before
+    /// the field, ordered as before: any different report replaces it.
+    #[serde(default)]
+    pub seq: u64,
     /// Ring.
     pub ring: String,
     /// Device class.
@@ -106,6 +113,17 @@ pub struct StateReport {
     pub timezone: String,
     /// When this report was produced (device's trusted time).
     pub updated_at: Timestamp,
+}
+
+/// How a state report relates to the one kept before it ([`StateReport::order_against`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Later: replaces the kept one.
+    Newer,
+    /// The same report again.
+    Same,
+    /// Earlier than the kept one: ignored.
+    Stale,
 }
 
 /// A QoS 1 event on `…/devices/{device}/events`.
@@ -226,6 +244,25 @@ fn parse_bounded<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Resu
 }
 
 impl StateReport {
+    /// How `self` relates to `older`, a report kept for the same device: [`Order::Newer`]
+    /// replaces it, [`Order::Same`] is the same report seen again (a retained copy
+    /// redelivered), [`Order::Stale`] is older and must be ignored.
+    pub fn order_against(&self, older: &StateReport) -> Order {
+        if self.seq == 0 && older.seq == 0 {
+            // Neither carries a sequence (agents before it): a different report is news.
+            return if self == older {
+                Order::Same
+            } else {
+                Order::Newer
+            };
+        }
+        match self.seq.cmp(&older.seq) {
+            std::cmp::Ordering::Greater => Order::Newer,
+            std::cmp::Ordering::Less => Order::Stale,
+            std::cmp::Ordering::Equal => Order::Same,
+        }
+    }
+
     /// Parse with the report size limit.
     pub fn parse(bytes: &[u8]) -> Result<StateReport> {
         parse_bounded("state report", bytes)
@@ -291,6 +328,52 @@ mod tests {
             Reason::TooLarge
         );
         assert_eq!(Event::parse(b"{").unwrap_err().reason, Reason::Malformed);
+    }
+
+    fn report(seq: u64, phase: Phase) -> StateReport {
+        StateReport {
+            device: "d".into(),
+            seq,
+            ring: "canary".into(),
+            device_class: "c".into(),
+            agent_version: "t".into(),
+            current: None,
+            previous: None,
+            target: None,
+            phase,
+            rollout_id: None,
+            last_error: None,
+            windows: vec![],
+            timezone: "UTC".into(),
+            updated_at: "2026-11-23T00:00:00Z".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn reports_are_ordered_by_sequence_never_by_content() {
+        let kept = report(10, Phase::Committed);
+        assert_eq!(report(11, Phase::Idle).order_against(&kept), Order::Newer);
+        assert_eq!(
+            report(9, Phase::Probation).order_against(&kept),
+            Order::Stale,
+            "an older report is stale even though it differs"
+        );
+        assert_eq!(kept.clone().order_against(&kept), Order::Same);
+        // A report from before the field never wins over one that carries it.
+        assert_eq!(report(0, Phase::Idle).order_against(&kept), Order::Stale);
+        assert_eq!(kept.order_against(&report(0, Phase::Idle)), Order::Newer);
+        // Between reports without a sequence, any difference is news (the old behaviour).
+        let a = report(0, Phase::Idle);
+        assert_eq!(report(0, Phase::Staged).order_against(&a), Order::Newer);
+        assert_eq!(a.clone().order_against(&a), Order::Same);
+    }
+
+    #[test]
+    fn a_report_without_seq_parses_as_zero() {
+        let mut v = serde_json::to_value(report(5, Phase::Idle)).unwrap();
+        v.as_object_mut().unwrap().remove("seq");
+        let r = StateReport::parse(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(r.seq, 0);
     }
 
     #[test]

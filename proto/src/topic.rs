@@ -87,6 +87,14 @@ impl Topics {
         format!("{}/devices/{device}/online", self.prefix)
     }
 
+    /// The controller's re-read fence, `…/devices/@reread/state`: matched by the state
+    /// wildcard, so it arrives after every retained report the broker sent before it; `@`
+    /// is in no valid device name, so no device can publish here under the shipped ACL, and
+    /// [`Topics::parse`] refuses it.
+    pub fn reread_fence(&self) -> String {
+        format!("{}/devices/@reread/state", self.prefix)
+    }
+
     /// Subscription filters for the controller: every device's state, events and online flag.
     pub fn controller_filters(&self) -> [String; 3] {
         [
@@ -163,6 +171,10 @@ mod tests {
         assert_eq!(t.parse(&t.state("d")).unwrap(), Topic::State("d".into()));
         assert_eq!(t.parse(&t.events("d")).unwrap(), Topic::Events("d".into()));
         assert_eq!(t.parse(&t.online("d")).unwrap(), Topic::Online("d".into()));
+        assert!(
+            t.parse(&t.reread_fence()).is_err(),
+            "the fence must never pass for a device's topic"
+        );
     }
 
     #[test]

@@ -258,6 +258,7 @@ fn state_report() -> impl Strategy<Value = StateReport> {
             )| {
                 StateReport {
                     device,
+                    seq: 0,
                     ring,
                     device_class: class,
                     agent_version: agent,
@@ -674,6 +675,7 @@ proptest! {
         let _ = Directive::parse(&mutate(f.directive("canary", 5, 3).to_bytes(), &ms));
         let report = StateReport {
             device: "dev-1".into(),
+            seq: 0,
             ring: "canary".into(),
             device_class: "sensor-v2".into(),
             agent_version: "0.1.0".into(),
