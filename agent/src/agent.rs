@@ -324,6 +324,11 @@ impl Agent {
                         subscribed = true;
                         last_inbound = tokio::time::Instant::now();
                     }
+                    Some(Inbound::Connected) => {
+                        // Whatever the broker kept retained for this device may be older than
+                        // what the device knows (a broker restored from an old save).
+                        self.publish_state()?;
+                    }
                     None => break Err(Error::Mqtt("MQTT session task ended".into())),
                 },
                 res = async { match download.as_mut() { Some(h) => h.await, None => std::future::pending().await } } => {
@@ -438,7 +443,26 @@ impl Agent {
         self.event(r, t, kind);
     }
 
-    fn publish_state(&self) {
+    /// Give the next state report its sequence: above every earlier one, and at least the
+    /// trusted time in milliseconds, so a device whose store was wiped still counts upwards
+    /// (DESIGN.md "State report": the controller never takes an older `seq` for news).
+    /// Persisted with the next [`Agent::save`].
+    fn next_report_seq(&mut self) {
+        let floor = u64::try_from(self.trusted_now().as_millisecond()).unwrap_or(0);
+        self.st.report_seq = self.st.report_seq.saturating_add(1).max(floor);
+    }
+
+    /// Persist the state with a new report sequence, then queue its report: for reports
+    /// that do not come with a phase change (those go through [`Agent::step`]).
+    fn publish_state(&mut self) -> Result<()> {
+        self.next_report_seq();
+        self.save()?;
+        self.emit_state();
+        Ok(())
+    }
+
+    /// Queue the report of the persisted state (its sequence already assigned and saved).
+    fn emit_state(&self) {
         let report = build_report(&self.cfg, &self.st, self.trusted_now());
         let bytes = report.to_bytes();
         if let Err(e) = fsutil::write_atomic(&self.cfg.data_dir.join("status.json"), &bytes) {
@@ -458,8 +482,9 @@ impl Agent {
             "phase"
         );
         self.st.phase = next;
+        self.next_report_seq();
         self.save()?;
-        self.publish_state();
+        self.emit_state();
         Ok(())
     }
 
@@ -551,8 +576,7 @@ impl Agent {
             }
             Phase::Idle | Phase::Committed | Phase::Reverted | Phase::Failed => {}
         }
-        self.publish_state();
-        Ok(())
+        self.publish_state()
     }
 
     // ----- inbound --------------------------------------------------------------------------
@@ -1179,15 +1203,15 @@ impl Agent {
             reason: reason.to_owned(),
             detail: format!("{}: {}", f.check, f.output),
         });
-        self.save()?;
         if failures >= limit {
+            self.save()?;
             return Ok(Some(RevertCause {
                 reason: reason.to_owned(),
                 check: Some(f.check),
                 output: Some(f.output),
             }));
         }
-        self.publish_state();
+        self.publish_state()?;
         Ok(None)
     }
 
@@ -1310,6 +1334,7 @@ impl Agent {
 fn build_report(cfg: &AgentConfig, st: &Persisted, now: Timestamp) -> StateReport {
     StateReport {
         device: cfg.device_id.clone(),
+        seq: st.report_seq,
         ring: cfg.ring.clone(),
         device_class: cfg.device_class.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),

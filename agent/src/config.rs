@@ -77,6 +77,10 @@ pub enum LogFormat {
 pub struct BrokerConfig {
     /// `mqtt://host:port` or `mqtts://host:port`.
     pub url: String,
+    /// MQTT version: `auto` (MQTT 5 where the broker speaks it, else 3.1.1; the default),
+    /// `5` or `3.1.1`.
+    #[serde(default)]
+    pub protocol: ringcast_io::mqtt::Protocol,
     /// CA certificate(s) (PEM) for `mqtts://`; default: none (then TLS fails closed).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -328,6 +332,7 @@ impl AgentConfig {
             log_level: default_log_level(),
             broker: BrokerConfig {
                 url: broker_url.into(),
+                protocol: ringcast_io::mqtt::Protocol::default(),
                 ca_file: None,
                 client_cert: None,
                 client_key: None,

@@ -253,6 +253,9 @@ pub struct Persisted {
     /// Digests of the last accepted directive bytes per topic.
     #[serde(default)]
     pub digests: Digests,
+    /// Sequence of the last state report queued (see `StateReport::seq`).
+    #[serde(default)]
+    pub report_seq: u64,
 }
 
 /// SHA-256 of the last accepted directive envelope per topic: the retained copy seen again on
@@ -286,6 +289,7 @@ impl Persisted {
             failed: Vec::new(),
             boot: 0,
             digests: Digests::default(),
+            report_seq: 0,
         }
     }
 

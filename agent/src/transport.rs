@@ -1,6 +1,10 @@
-//! The MQTT session (rumqttc): persistent session, QoS 1, Last Will `false` on `…/online`,
-//! reconnect with capped exponential backoff and jitter, subscriptions exactly as DESIGN.md
-//! lists (trust, own ring directive, own device directive).
+//! The MQTT session ([`ringcast_io::mqtt`]: MQTT 5 where the broker speaks it, announcing a
+//! 256 KiB Maximum Packet Size so one oversized retained message cannot make the agent deaf;
+//! 3.1.1 otherwise): persistent session, QoS 1, Last Will `false` on `…/online`, reconnect with
+//! capped exponential backoff and jitter, subscriptions exactly as DESIGN.md lists (trust, own
+//! ring directive, own device directive). On every (re)connect the agent is told, and
+//! publishes its current state again: a broker restored from an old save must not keep an old
+//! report of this device retained.
 //!
 //! Outgoing reports never go to the wire directly: the agent appends them to the persisted
 //! outbox ([`crate::store::Store`]) and pokes this task, which publishes them in order and
@@ -11,10 +15,7 @@
 use crate::config::AgentConfig;
 use crate::error::{Error, Result};
 use crate::store::Store;
-use rumqttc::{
-    AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS,
-    TlsConfiguration, Transport as MqttTransport,
-};
+use ringcast_io::mqtt::{self, Client, Event, QoS, Will};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub enum Inbound {
     },
     /// The broker acknowledged our subscriptions (retained messages follow right away).
     Subscribed,
+    /// A session was (re)established: the agent publishes its current state again.
+    Connected,
 }
 
 /// Parse `mqtt(s)://host:port` into (tls, host, port).
@@ -69,7 +72,7 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn tls_config(c: &AgentConfig) -> Result<TlsConfiguration> {
+fn tls_config(c: &AgentConfig) -> Result<Arc<rustls::ClientConfig>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     install_crypto_provider();
@@ -97,7 +100,7 @@ fn tls_config(c: &AgentConfig) -> Result<TlsConfiguration> {
         }
         _ => builder.with_no_client_auth(),
     };
-    Ok(TlsConfiguration::Rustls(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 fn read_chain(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
@@ -108,34 +111,33 @@ fn read_chain(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'stat
         .map_err(|e| Error::Mqtt(format!("broker.client_cert {}: {e}", path.display())))
 }
 
-/// Build the rumqttc client and event loop for this device.
-pub fn connect_options(c: &AgentConfig) -> Result<(AsyncClient, EventLoop)> {
+/// The session options for this device: persistent session, Last Will, 256 KiB packets.
+pub fn session_options(c: &AgentConfig) -> Result<mqtt::Options> {
     let (tls, host, port) = parse_broker_url(&c.broker.url).map_err(Error::Mqtt)?;
     let topics = c.topics().map_err(|e| Error::Mqtt(e.detail))?;
-    let mut o = MqttOptions::new(c.device_id.clone(), host, port);
-    o.set_keep_alive(c.broker.keep_alive.get().max(Duration::from_secs(5)))
-        .set_clean_session(false)
-        .set_max_packet_size(256 * 1024, 256 * 1024)
-        .set_inflight(16)
-        .set_last_will(LastWill::new(
-            topics.online(&c.device_id),
-            "false",
-            QoS::AtLeastOnce,
-            true,
-        ));
+    let mut o = mqtt::Options::new(c.device_id.clone(), host, port);
+    o.protocol = c.broker.protocol;
+    o.keep_alive = c.broker.keep_alive.get().max(Duration::from_secs(5));
+    o.persistent = true;
+    o.will = Some(Will {
+        topic: topics.online(&c.device_id),
+        payload: b"false".to_vec(),
+        retain: true,
+    });
+    // A directive embeds a whole release envelope (≤ 64 KiB); anything much larger is an
+    // attack or a mistake, and under MQTT 5 the broker drops it for us.
+    o.max_packet = 256 * 1024;
+    o.receive_maximum = 16;
+    o.inflight = 16;
+    o.channel_capacity = 64;
+    o.connect_timeout = Duration::from_secs(10);
     if let Some(u) = &c.broker.username {
-        o.set_credentials(u.clone(), c.broker.password.clone().unwrap_or_default());
+        o.credentials = Some((u.clone(), c.broker.password.clone().unwrap_or_default()));
     }
     if tls {
-        o.set_transport(MqttTransport::Tls(tls_config(c)?));
+        o.tls = Some(tls_config(c)?);
     }
-    let (client, mut eventloop) = AsyncClient::new(o, 64);
-    let mut net = eventloop.network_options();
-    // Without it QoS 1 crawls (Nagle + delayed ACK): measured ~4.7k/s instead of ~70k/s.
-    net.set_tcp_nodelay(true);
-    net.set_connection_timeout(10);
-    eventloop.set_network_options(net);
-    Ok((client, eventloop))
+    Ok(o)
 }
 
 /// The session task. Runs until `shutdown` turns true, then says `online = false`.
@@ -148,8 +150,12 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let topics = c.topics().map_err(|e| Error::Mqtt(e.detail))?;
-    let (client, mut eventloop) = connect_options(&c)?;
-    let subs = topics.agent_subscriptions(&c.ring, &c.device_id);
+    let (client, mut eventloop) = mqtt::session(&session_options(&c)?);
+    let subs: Vec<(String, QoS)> = topics
+        .agent_subscriptions(&c.ring, &c.device_id)
+        .into_iter()
+        .map(|t| (t, QoS::AtLeastOnce))
+        .collect();
     let state_topic = topics.state(&c.device_id);
     let events_topic = topics.events(&c.device_id);
     let online_topic = topics.online(&c.device_id);
@@ -163,36 +169,36 @@ pub async fn run(
             biased;
             _ = shutdown.changed() => break,
             ev = eventloop.poll() => match ev {
-                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                Ok(Event::Connected { .. }) => {
                     failures = 0;
                     s = Session { up: true, ..Session::default() };
                     let _ = connected.send(true);
-                    tracing::info!(device = %c.device_id, broker = %c.broker.url, "connected");
-                    for t in &subs {
-                        let _ = client.try_subscribe(t.clone(), QoS::AtLeastOnce);
-                    }
+                    tracing::info!(device = %c.device_id, broker = %c.broker.url, protocol = %eventloop.protocol(), "connected");
+                    let _ = client.try_subscribe_many(&subs);
                     s.tags.push_back(None);
                     let _ = client.try_publish(online_topic.clone(), QoS::AtLeastOnce, true, "true");
+                    // The agent queues a fresh state report; it goes out after what is queued.
+                    let _ = inbound.send(Inbound::Connected).await;
                     s.send_more(&client, &*store, &state_topic, &events_topic);
                 }
-                Ok(Event::Incoming(Incoming::SubAck(_))) => {
-                    s.subacks += 1;
-                    if s.subacks == subs.len() {
-                        let _ = inbound.send(Inbound::Subscribed).await;
+                Ok(Event::SubAck { granted, .. }) => {
+                    if granted.iter().any(|g| !g) {
+                        tracing::warn!(device = %c.device_id, ?granted, "the broker refused a subscription (check its ACL)");
                     }
+                    let _ = inbound.send(Inbound::Subscribed).await;
                 }
-                Ok(Event::Incoming(Incoming::Publish(p))) => {
+                Ok(Event::Message(m)) => {
                     let _ = inbound
-                        .send(Inbound::Message { topic: p.topic.clone(), payload: p.payload.to_vec() })
+                        .send(Inbound::Message { topic: m.topic, payload: m.payload.to_vec() })
                         .await;
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                Ok(Event::PublishSent { pkid }) => {
                     if let Some(Some(seq)) = s.tags.pop_front() {
                         s.by_pkid.insert(pkid, seq);
                     }
                 }
-                Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                    if let Some(seq) = s.by_pkid.remove(&ack.pkid) {
+                Ok(Event::PubAck { pkid }) => {
+                    if let Some(seq) = s.by_pkid.remove(&pkid) {
                         s.inflight.remove(&seq);
                         if let Err(e) = store.outbox_remove(seq) {
                             tracing::warn!(error = %e, "outbox remove failed");
@@ -211,7 +217,7 @@ pub async fn run(
                     let _ = connected.send(false);
                     // Our outbox re-sends what was not acknowledged, in order; rumqttc's own
                     // replay would interleave with it.
-                    eventloop.pending.clear();
+                    eventloop.clear_pending();
                     failures = failures.saturating_add(1);
                     let delay = backoff(c.broker.reconnect_min.get(), c.broker.reconnect_max.get(), failures);
                     tokio::select! {
@@ -233,7 +239,7 @@ pub async fn run(
         let _ = client.try_disconnect();
         while tokio::time::Instant::now() < deadline {
             match tokio::time::timeout_at(deadline, eventloop.poll()).await {
-                Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(Event::DisconnectSent)) | Ok(Err(_)) | Err(_) => break,
                 Ok(Ok(_)) => {}
             }
         }
@@ -246,7 +252,6 @@ pub async fn run(
 #[derive(Default)]
 struct Session {
     up: bool,
-    subacks: usize,
     /// Outbox sequences published on this connection and not yet acknowledged.
     inflight: HashSet<u64>,
     /// Highest outbox sequence published on this connection.
@@ -259,7 +264,7 @@ struct Session {
 const WINDOW: usize = 8;
 
 impl Session {
-    fn send_more(&mut self, client: &AsyncClient, store: &dyn Store, state: &str, events: &str) {
+    fn send_more(&mut self, client: &Client, store: &dyn Store, state: &str, events: &str) {
         if !self.up || self.inflight.len() >= WINDOW {
             return;
         }
