@@ -24,6 +24,7 @@ fn reports(topics: &Topics, round: u64) -> Vec<(String, Vec<u8>)> {
             };
             let r = StateReport {
                 device: device.clone(),
+                seq: 0,
                 ring: ["canary", "early", "broad"][i % 3].into(),
                 device_class: "sensor-v2".into(),
                 agent_version: "0.1.0".into(),

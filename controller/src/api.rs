@@ -1064,6 +1064,56 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
         "# TYPE ringcast_api_auth_denied_total counter\nringcast_api_auth_denied_total {}",
         c.auth_denied.load(Ordering::Relaxed)
     );
+    for (name, kind, help, v) in [
+        (
+            "ringcast_reports_stale_total",
+            "counter",
+            "State reports ignored because a newer one (higher seq) was already held.",
+            &c.stale_reports,
+        ),
+        (
+            "ringcast_messages_too_large_total",
+            "counter",
+            "Messages refused for their size (too_large).",
+            &c.too_large,
+        ),
+        (
+            "ringcast_rereads_total",
+            "counter",
+            "Complete re-reads of the fleet's retained reports (every connect, and after broker drops).",
+            &c.rereads,
+        ),
+        (
+            "ringcast_reread_paged_devices_total",
+            "counter",
+            "Devices a re-read recovered by exact-topic paging because the broker dropped their retained report.",
+            &c.reread_paged,
+        ),
+        (
+            "ringcast_reread_fence_lost_total",
+            "counter",
+            "Re-reads whose fence never came back (the broker dropped messages).",
+            &c.reread_fence_lost,
+        ),
+        (
+            "ringcast_reread_unretained_devices",
+            "gauge",
+            "Known devices with no retained report on the broker at the last re-read.",
+            &c.reread_unretained,
+        ),
+        (
+            "ringcast_broker_dropped_messages",
+            "gauge",
+            "The broker's own count of dropped messages ($SYS/broker/publish/messages/dropped), where it publishes one.",
+            &c.broker_dropped,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
     let ndev = s.devices.read().unwrap_or_else(|p| p.into_inner()).len();
     let _ = writeln!(
         out,

@@ -46,7 +46,9 @@ pub fn start_embedded_on(port: u16) -> Result<()> {
         id: 0,
         router: rumqttd::RouterConfig {
             max_connections: 20_010,
-            max_outgoing_packet_count: 1000,
+            // QoS 0 reads (the controller's state and online wildcards) forward at most this many
+            // retained messages per subscription and drop the rest: room for a million devices.
+            max_outgoing_packet_count: 4_000_000,
             max_segment_size: 100 * 1024 * 1024,
             max_segment_count: 10,
             ..Default::default()

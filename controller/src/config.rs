@@ -220,6 +220,21 @@ pub struct BrokerConfig {
     /// Client id.
     #[serde(default = "default_client_id")]
     pub client_id: String,
+    /// MQTT version: `auto` (MQTT 5 where the broker speaks it, else 3.1.1; the default),
+    /// `5` or `3.1.1`.
+    #[serde(default)]
+    pub protocol: ringcast_io::mqtt::Protocol,
+    /// Watch the broker's count of dropped messages (Mosquitto's
+    /// `$SYS/broker/publish/messages/dropped`) and re-read the fleet's retained reports when
+    /// it grows. Harmless on a broker without it.
+    #[serde(default = "default_true")]
+    pub watch_drops: bool,
+    /// Keep the controller's session on the broker across disconnects and restarts, so
+    /// events (not retained) published meanwhile wait for it. `false` for brokers that do not
+    /// re-send retained messages when a kept session subscribes again (rumqttd): state reports
+    /// are then re-read completely at every connect, and only events from the gap are lost.
+    #[serde(default = "default_true")]
+    pub persistent_session: bool,
     /// User name.
     #[serde(default)]
     pub username: Option<String>,
@@ -247,6 +262,9 @@ pub struct BrokerTls {
     pub client_key: Option<PathBuf>,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_mqtt_port() -> u16 {
     1883
 }

@@ -130,6 +130,9 @@ impl Controller {
                 host: b.host.clone(),
                 port: b.port,
                 client_id: b.client_id.clone(),
+                protocol: b.protocol,
+                watch_drops: b.watch_drops,
+                persistent: b.persistent_session,
                 credentials: b
                     .username
                     .clone()
@@ -140,6 +143,13 @@ impl Controller {
                 host: "127.0.0.1".into(),
                 port: broker_addr.port(),
                 client_id: "ringcast-controller".into(),
+                // The embedded rumqttd listens with MQTT 3.1.1 (and its payload limit keeps
+                // oversized messages out).
+                protocol: ringcast_io::mqtt::Protocol::V311,
+                // rumqttd has no `$SYS` counter (and drops a client that asks for one).
+                watch_drops: false,
+                // It lives and dies with this process: a session cannot outlive a restart.
+                persistent: false,
                 credentials: None,
                 tls: None,
             },
@@ -211,9 +221,14 @@ impl Controller {
         tasks.push(tokio::spawn(mqtt::run(
             eventloop,
             client,
-            topics.controller_filters().to_vec(),
-            in_tx,
-            handle.clone(),
+            mqtt::Wiring {
+                topics: topics.clone(),
+                tx: in_tx,
+                engine: handle.clone(),
+                devices: shared.devices.clone(),
+                counters: shared.counters.clone(),
+                watch_drops: settings.watch_drops,
+            },
             shutdown_rx.clone(),
         )));
         for w in webhooks {

@@ -458,7 +458,12 @@ impl Engine {
             if let Err(e) = self
                 .shared
                 .mqtt
-                .publish(p.topic.clone(), rumqttc::QoS::AtLeastOnce, true, p.payload)
+                .publish(
+                    p.topic.clone(),
+                    ringcast_io::mqtt::QoS::AtLeastOnce,
+                    true,
+                    p.payload,
+                )
                 .await
             {
                 warn!(topic = %p.topic, error = %e, "publish failed");
@@ -1773,6 +1778,7 @@ mod tests {
         };
         let rep = |phase| StateReport {
             device: "x".into(),
+            seq: 0,
             ring: "canary".into(),
             device_class: "c".into(),
             agent_version: "t".into(),

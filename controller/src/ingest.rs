@@ -9,7 +9,7 @@
 use crate::model::DeviceRecord;
 use crate::shared::Counters;
 use crate::store::Store;
-use ringcast_proto::{Clock, Event, StateReport, Topic, Topics};
+use ringcast_proto::{Clock, Event, Order, StateReport, Topic, Topics};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -97,6 +97,9 @@ impl Ingestor {
 
     fn reject(&self, device: &str, what: &str, e: &ringcast_proto::Rejection) {
         self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        if e.reason == ringcast_proto::Reason::TooLarge {
+            self.counters.too_large.fetch_add(1, Ordering::Relaxed);
+        }
         warn!(device, reason = e.reason.code(), detail = %e.detail, "refused {what}");
     }
 
@@ -115,15 +118,28 @@ impl Ingestor {
             let rec = devices
                 .entry(device.clone())
                 .or_insert_with(|| DeviceRecord::new(device.clone(), now));
-            // A retained report re-delivered unchanged (restart, reconnect) is not a sign of
-            // life: keep the time it first arrived so silence is still measured, and do not
-            // rewrite what sled already holds.
-            let changed = rec.report.as_ref() != Some(&report);
-            if changed {
-                rec.last_seen = now;
-                rec.report = Some(report);
+            // Only a newer report (higher `seq`) replaces the kept one: a broker restored from
+            // an old save re-delivers old retained reports, and they must not send the device
+            // back in time. A report re-delivered unchanged (restart, reconnect) is not a sign
+            // of life either: keep the time it first arrived so silence is still measured, and
+            // do not rewrite what sled already holds.
+            let order = match &rec.report {
+                Some(kept) => report.order_against(kept),
+                None => Order::Newer,
+            };
+            match order {
+                Order::Newer => {
+                    rec.last_seen = now;
+                    rec.report = Some(report);
+                    true
+                }
+                Order::Same => false,
+                Order::Stale => {
+                    self.counters.stale_reports.fetch_add(1, Ordering::Relaxed);
+                    debug!(device = %device, "ignoring a state report older than the one kept");
+                    false
+                }
             }
-            changed
         };
         self.counters.reports.fetch_add(1, Ordering::Relaxed);
         if changed {
@@ -261,6 +277,7 @@ mod tests {
     fn report(device: &str, phase: Phase) -> StateReport {
         StateReport {
             device: device.into(),
+            seq: 0,
             ring: "canary".into(),
             device_class: "sensor-v2".into(),
             agent_version: "t".into(),
@@ -341,6 +358,36 @@ mod tests {
             &report("d1", Phase::Committed).to_bytes(),
         );
         assert!(ing.devices.read().unwrap()["d1"].last_seen > first);
+    }
+
+    #[test]
+    fn an_older_report_never_replaces_a_newer_one() {
+        let (_d, mut ing, _) = setup();
+        let topic = "ringcast/lab/devices/d1/state";
+        let mut committed = report("d1", Phase::Committed);
+        committed.seq = 20;
+        ing.handle(topic, &committed.to_bytes());
+        // What a broker restored from an old save re-delivers: an earlier phase, lower seq.
+        let mut old = report("d1", Phase::Probation);
+        old.seq = 19;
+        ing.handle(topic, &old.to_bytes());
+        let kept = ing.devices.read().unwrap()["d1"].report.clone().unwrap();
+        assert_eq!(kept.phase, Phase::Committed);
+        assert_eq!(ing.counters.stale_reports.load(Ordering::Relaxed), 1);
+        let mut next = report("d1", Phase::Downloading);
+        next.seq = 21;
+        ing.handle(topic, &next.to_bytes());
+        let kept = ing.devices.read().unwrap()["d1"].report.clone().unwrap();
+        assert_eq!(kept.phase, Phase::Downloading);
+    }
+
+    #[test]
+    fn an_oversized_report_is_counted_as_too_large() {
+        let (_d, mut ing, _) = setup();
+        let big = vec![b' '; ringcast_proto::limits::MAX_REPORT_BYTES + 1];
+        ing.handle("ringcast/lab/devices/d1/state", &big);
+        assert_eq!(ing.counters.too_large.load(Ordering::Relaxed), 1);
+        assert!(ing.devices.read().unwrap().is_empty());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - [`config`]: `ringcast.toml` (policy, server, broker, tokens).
 //! - [`controller`]: [`Controller::start`] → [`ControllerHandle`], the in-process entry point.
 //! - [`engine`]: the rollout state machines (one actor), gates, directives, re-signing.
-//! - [`ingest`] and [`mqtt`]: device reports in, directives out.
+//! - [`ingest`] and [`mqtt`]: device reports in, directives out; [`reread`]: the complete
+//!   re-read of retained reports at every connect and after the broker dropped messages.
 //! - [`api`]: `/api/v1`, `/metrics`, `/artifacts/sha256/{hex}`, dashboard.
 //! - [`audit`]: the hash-chained audit log and its verifier.
 //! - [`store`], [`model`], [`artifacts`], [`fsutil`]: persistence.
@@ -30,6 +31,7 @@ pub mod ingest;
 pub mod keyfile;
 pub mod model;
 pub mod mqtt;
+pub mod reread;
 pub mod shared;
 pub mod store;
 pub mod webhook;

@@ -27,6 +27,20 @@ pub struct Counters {
     pub rejected: AtomicU64,
     /// API requests refused for auth (401/403).
     pub auth_denied: AtomicU64,
+    /// State reports ignored because the controller already held a newer one (`seq`).
+    pub stale_reports: AtomicU64,
+    /// Messages refused for their size (`too_large`).
+    pub too_large: AtomicU64,
+    /// Re-reads of retained state completed.
+    pub rereads: AtomicU64,
+    /// Devices recovered by re-read paging (the broker had dropped their retained report).
+    pub reread_paged: AtomicU64,
+    /// Re-reads whose fence never came back (the broker dropped messages).
+    pub reread_fence_lost: AtomicU64,
+    /// Known devices without a retained report on the broker at the last re-read (gauge).
+    pub reread_unretained: AtomicU64,
+    /// The broker's own count of dropped messages, where it publishes one (gauge).
+    pub broker_dropped: AtomicU64,
 }
 
 /// Everything the tasks share.
@@ -57,7 +71,7 @@ pub struct Shared {
     /// Controller role key.
     pub key: SecretKey,
     /// MQTT client.
-    pub mqtt: rumqttc::AsyncClient,
+    pub mqtt: ringcast_io::mqtt::Client,
     /// Artifact store.
     pub artifacts: ArtifactStore,
     /// API tokens.

@@ -71,6 +71,8 @@ sha256 = "{sha}"
 [broker]
 host = "127.0.0.1"
 port = {port}
+watch_drops = false
+persistent_session = false
 [[rings]]
 name = "canary"
 bake = "6s"

@@ -319,6 +319,7 @@ async fn blocked_release_unknown_device_and_unknown_release_are_refused() {
     // A device of another class would refuse the release (the agent's `incompatible`).
     let camera = StateReport {
         device: "camera-0".into(),
+        seq: 0,
         ring: "canary".into(),
         device_class: "camera-v1".into(),
         agent_version: "test".into(),

@@ -266,6 +266,10 @@ impl Stage {
                     host: "127.0.0.1".into(),
                     port: proxy.port,
                     client_id: "ringcast-controller".into(),
+                    protocol: Default::default(),
+                    // rumqttd: no $SYS drop counter.
+                    watch_drops: false,
+                    persistent_session: false,
                     username: None,
                     password: None,
                     tls: None,
@@ -279,6 +283,9 @@ impl Stage {
                     host: lab.broker().host().into(),
                     port: lab.broker().port(),
                     client_id: c.name.clone(),
+                    protocol: Default::default(),
+                    watch_drops: true,
+                    persistent_session: true,
                     username: None,
                     password: None,
                     tls: Some(BrokerTls {

@@ -286,6 +286,7 @@ fn spawn(spec: &FleetSpec, d: &mut SimDevice) -> Result<()> {
 fn placeholder(cfg: &AgentConfig) -> StateReport {
     StateReport {
         device: cfg.device_id.clone(),
+        seq: 0,
         ring: cfg.ring.clone(),
         device_class: cfg.device_class.clone(),
         agent_version: String::new(),

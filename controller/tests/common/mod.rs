@@ -62,6 +62,12 @@ pub fn ring(name: &str, steps: &[f64], bake: &str, min_reports: u32, max_rate: f
 
 impl World {
     pub fn new() -> World {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "info,rumqttd=warn,ringcast_controller::mqtt=debug",
+            ))
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().unwrap();
         let fx = Fixture::new();
         std::fs::write(dir.path().join("trust.json"), fx.trust_env.to_vec()).unwrap();
@@ -111,6 +117,10 @@ impl World {
                 host: "127.0.0.1".into(),
                 port: self.broker_port,
                 client_id: "ringcast-controller".into(),
+                protocol: Default::default(),
+                // rumqttd: no $SYS drop counter.
+                watch_drops: false,
+                persistent_session: false,
                 username: None,
                 password: None,
                 tls: None,
@@ -297,6 +307,7 @@ impl Fleet {
         let committed = phase == Phase::Committed;
         let r = StateReport {
             device: device.into(),
+            seq: 0,
             ring: ring.into(),
             device_class: "sensor-v2".into(),
             agent_version: "test".into(),
