@@ -473,6 +473,9 @@ impl Agent {
             boot = self.st.boot,
             "starting"
         );
+        // Before anything can install: what an interrupted install left (a half-unpacked
+        // `releases/.staging-*`) is never used again, and nothing else would remove it.
+        self.sweep_install_leftovers();
         match self.st.phase {
             Phase::Downloading | Phase::Verifying => {
                 if self.st.phase == Phase::Verifying {
@@ -553,6 +556,14 @@ impl Agent {
         }
         self.publish_state();
         Ok(())
+    }
+
+    /// Ask the installer to remove what interrupted installs left; a failure is logged, not
+    /// fatal (the leftovers take space, nothing uses them).
+    fn sweep_install_leftovers(&self) {
+        if let Err(e) = self.deps.installer.sweep() {
+            tracing::warn!(error = %e, "removing leftovers of interrupted installs failed");
+        }
     }
 
     // ----- inbound --------------------------------------------------------------------------
@@ -1280,6 +1291,8 @@ impl Agent {
             tracing::error!(error = %e, "revert step failed");
             detail = format!("{detail}\nrevert: {e}");
         }
+        // An install interrupted before this revert may have left a half-unpacked release.
+        self.sweep_install_leftovers();
         self.st.current = job.before_current.clone();
         self.st.previous = job.before_previous.clone();
         self.st.job = None;

@@ -46,6 +46,8 @@
 //!   Ramp percent applies to ring directives only; a device directive names its device.
 //! - **Hold** cancels work that has not activated (download, staged); an install already
 //!   activated finishes its probation (commit or revert).
+//! - **Leftovers.** `releases/.staging-*` directories of interrupted unpacks are removed at
+//!   start-up and at revert ([`Installer::sweep`]).
 //! - **Activation** needs the directive's `not_before` passed, one of its windows open, and
 //!   one of the device's own `windows` (config) open; empty lists mean "any time".
 //! - **Phases reported**: `committed` = installed and healthy through probation; `reverted`
