@@ -13,7 +13,8 @@ use crate::fsutil;
 use crate::health;
 use crate::install::{FsInstaller, Installer};
 use crate::state::{
-    is_activated, is_busy, release_ref, transition, Job, Kept, Origin, Persisted, RevertCause, Step,
+    is_busy, plan, release_ref, transition, Ask, CancelReason, Job, Kept, Origin, Persisted, Plan,
+    RevertCause, Step,
 };
 use crate::store::{SledStore, Store};
 use crate::transport::{self, Inbound, TAG_EVENT, TAG_STATE};
@@ -295,14 +296,23 @@ impl Agent {
         let result = loop {
             if self.reevaluate {
                 self.reevaluate = false;
-                self.evaluate().await?;
+                self.evaluate(None).await?;
             }
             if self.cancel_download {
                 self.cancel_download = false;
                 if let Some(h) = download.take() {
                     h.abort();
+                    // Wait for the task to be gone: until then it may still create or write
+                    // the `.part` the cancel removed.
+                    if tokio::time::timeout(Duration::from_secs(5), h)
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!("cancelled download did not stop within 5s");
+                    }
                 }
                 self.progress = None;
+                self.prune_artifacts();
             }
             if self.want_download && download.is_none() {
                 self.want_download = false;
@@ -498,6 +508,9 @@ impl Agent {
             boot = self.st.boot,
             "starting"
         );
+        // Before anything can install: what an interrupted install left (a half-unpacked
+        // `releases/.staging-*`) is never used again, and nothing else would remove it.
+        self.sweep_install_leftovers();
         match self.st.phase {
             Phase::Downloading | Phase::Verifying => {
                 if self.st.phase == Phase::Verifying {
@@ -576,7 +589,23 @@ impl Agent {
             }
             Phase::Idle | Phase::Committed | Phase::Reverted | Phase::Failed => {}
         }
+        if transition(Step::Cancel, self.st.phase).is_ok() {
+            // Work that has not activated is looked at against the kept directives again: a
+            // directive may have been kept (it is persisted before it is acted on) by an
+            // agent that died before it cancelled or replaced this work.
+            self.reevaluate = true;
+        }
+        // Downloads of work dropped just before a crash.
+        self.prune_artifacts();
         self.publish_state()
+    }
+
+    /// Ask the installer to remove what interrupted installs left; a failure is logged, not
+    /// fatal (the leftovers take space, nothing uses them).
+    fn sweep_install_leftovers(&self) {
+        if let Err(e) = self.deps.installer.sweep() {
+            tracing::warn!(error = %e, "removing leftovers of interrupted installs failed");
+        }
     }
 
     // ----- inbound --------------------------------------------------------------------------
@@ -721,65 +750,97 @@ impl Agent {
         let rel = acc.release.as_ref().map(release_ref);
         self.event(Some(d.rollout_id.clone()), rel, EventKind::Accepted);
         drop(entered);
-        self.evaluate().instrument(span.clone()).await
+        self.evaluate(Some(&d.rollout_id))
+            .instrument(span.clone())
+            .await
     }
 
-    /// Decide what the kept directives ask of this device now.
-    async fn evaluate(&mut self) -> Result<()> {
-        let (kept, origin) = match (&self.st.device, &self.st.ring) {
-            (Some(d), _) => (d.clone(), Origin::Device),
-            (None, Some(r)) => (r.clone(), Origin::Ring),
-            (None, None) => return Ok(()),
+    /// Decide what the kept directives ask of this device now ([`plan`]) and do it. `cause`
+    /// is the rollout of the directive just accepted: a cancel reports it (it is the reason
+    /// the device stopped), even when the directive followed afterwards is another one (a
+    /// device hold hands the device back to its ring).
+    async fn evaluate(&mut self, cause: Option<&str>) -> Result<()> {
+        let followed = match (&self.st.device, &self.st.ring) {
+            (Some(d), _) => Some((d.clone(), Origin::Device)),
+            (None, Some(r)) => Some((r.clone(), Origin::Ring)),
+            (None, None) => None,
         };
-        let d = &kept.directive;
-        match (d.action, kept.release) {
-            (Action::Hold, _) | (Action::Install, None) => {
-                if matches!(
-                    self.st.phase,
-                    Phase::Downloading | Phase::Verifying | Phase::Staged
-                ) {
-                    tracing::info!("hold: cancelling work that has not activated");
-                    self.cancel_job()?;
-                    self.event(Some(d.rollout_id.clone()), None, EventKind::Held);
-                    self.step(Step::Cancel)?;
-                } else {
-                    self.event(Some(d.rollout_id.clone()), None, EventKind::Held);
+        let ask = match &followed {
+            None => Ask::Nothing,
+            Some((k, origin)) => match (k.directive.action, &k.release) {
+                // An `install` without a release is refused before it is kept; should one be
+                // kept all the same, it asks for nothing, like a hold.
+                (Action::Hold, _) | (Action::Install, None) => Ask::Hold,
+                (Action::Install, Some(release)) => Ask::Install {
+                    release,
+                    in_ramp: *origin == Origin::Device
+                        || in_ramp(
+                            &k.directive.rollout_id,
+                            &self.cfg.device_id,
+                            k.directive.percent,
+                        ),
+                },
+            },
+        };
+        let failed_before = match (&followed, ask) {
+            (Some((k, _)), Ask::Install { release, .. }) => {
+                self.st.has_failed(&k.directive.rollout_id, release)
+            }
+            _ => false,
+        };
+        let current = self.st.current.as_ref().map(|c| &c.release);
+        let decided = plan(
+            ask,
+            self.st.job.as_ref(),
+            self.st.phase,
+            current,
+            failed_before,
+        );
+        let rollout = cause
+            .map(str::to_owned)
+            .or_else(|| {
+                followed
+                    .as_ref()
+                    .map(|(k, _)| k.directive.rollout_id.clone())
+            })
+            .or_else(|| self.st.rollout_id.clone());
+        match decided {
+            Plan::Nothing | Plan::Wait => {
+                if let Ask::Install { in_ramp: false, .. } = ask {
+                    tracing::debug!("not in the ramp yet");
                 }
                 Ok(())
             }
-            (Action::Install, Some(release)) => {
-                if origin == Origin::Ring && !in_ramp(&d.rollout_id, &self.cfg.device_id, d.percent)
-                {
-                    tracing::debug!(percent = %d.percent, "not in the ramp yet");
+            Plan::NoteHold => {
+                self.event(rollout, None, EventKind::Held);
+                Ok(())
+            }
+            Plan::Cancel(reason) => self.cancel(rollout, reason),
+            Plan::Update => {
+                let Some((k, origin)) = followed else {
                     return Ok(());
-                }
-                let same =
-                    |r: &ReleaseRef| r.name == release.name && r.sequence == release.sequence;
+                };
+                // Same release: a re-signed or re-scheduled directive updates the job.
                 if let Some(job) = self.st.job.as_mut() {
-                    if job.release.name == release.name && job.release.sequence == release.sequence
-                    {
-                        // Same release: a re-signed or re-scheduled directive updates the job.
-                        job.activation = d.activation.clone();
-                        job.rollout_id = d.rollout_id.clone();
-                        job.origin = origin;
-                        self.st.rollout_id = Some(d.rollout_id.clone());
-                        self.save()?;
-                        return Ok(());
-                    }
-                    if is_activated(self.st.phase) {
-                        // Finish (commit or revert) first; evaluated again afterwards.
-                        return Ok(());
-                    }
-                    self.cancel_job()?;
+                    job.activation = k.directive.activation.clone();
+                    job.rollout_id = k.directive.rollout_id.clone();
+                    job.origin = origin;
                 }
-                if self.st.current.as_ref().is_some_and(|c| same(&c.release)) {
+                self.st.rollout_id = Some(k.directive.rollout_id);
+                self.save()
+            }
+            Plan::Start => {
+                let Some((k, origin)) = followed else {
                     return Ok(());
-                }
-                if self.st.has_failed(&d.rollout_id, &release) {
-                    tracing::debug!("release failed here in this rollout; not retrying");
+                };
+                let Some(release) = k.release else {
                     return Ok(());
-                }
+                };
+                let d = k.directive;
                 let job = Job::new(d.rollout_id.clone(), origin, release, d.activation.clone());
+                // The job it replaces is dropped in the same step, so no report ever names
+                // the old target under the new rollout, or the reverse.
+                let old = self.st.job.take();
                 // Starting is the first line of the download step, under the new job's fields.
                 step_span!("download", self.cfg, &job).in_scope(|| {
                     tracing::info!("starting");
@@ -790,23 +851,69 @@ impl Agent {
                     self.progress_mark = 0;
                     self.step(Step::Start)
                 })?;
+                if let Some(old) = old {
+                    step_span!("cancel", self.cfg, &old).in_scope(|| {
+                        tracing::info!(reason = CancelReason::Superseded.code(), "cancelled");
+                    });
+                    self.cancel_download = true;
+                    self.remove_job_files(&old);
+                    self.event(
+                        Some(d.rollout_id),
+                        Some(old.target()),
+                        CancelReason::Superseded.event(),
+                    );
+                }
                 self.want_download = true;
                 Ok(())
             }
         }
     }
 
-    /// Drop a job that has not activated, and its files.
-    fn cancel_job(&mut self) -> Result<()> {
+    /// Drop work that has not activated, for the directive of `rollout_id`: persisted and
+    /// reported first (`idle`, no target, that rollout; `current` and `previous` untouched),
+    /// then the download aborted (by the main loop) and the job's files removed.
+    fn cancel(&mut self, rollout_id: Option<String>, reason: CancelReason) -> Result<()> {
+        let job = self.st.job.take();
+        let span = match &job {
+            Some(j) => step_span!("cancel", self.cfg, j),
+            None => tracing::Span::none(),
+        };
+        let _s = span.enter();
+        tracing::info!(
+            reason = reason.code(),
+            "cancelling work that has not activated"
+        );
+        self.st.rollout_id = rollout_id.clone();
+        self.st.target = None;
+        // Whatever went wrong belonged to the dropped work.
+        self.st.last_error = None;
+        self.step(Step::Cancel)?;
         self.cancel_download = true;
-        if let Some(j) = self.st.job.take() {
-            self.remove_job_files(&j);
+        if let Some(j) = &job {
+            self.remove_job_files(j);
         }
+        let release = match reason {
+            // `held` stays as it always was: the hold's rollout, no release.
+            CancelReason::Held => None,
+            _ => job.as_ref().map(Job::target),
+        };
+        self.event(rollout_id, release, reason.event());
         Ok(())
     }
 
+    /// Remove a dropped or finished job's partial download and artifact, unless an installed
+    /// release or the job now under way uses them.
     fn remove_job_files(&self, j: &Job) {
         let sha = &j.release.artifact.sha256;
+        if self
+            .st
+            .job
+            .as_ref()
+            .is_some_and(|now| &now.release.artifact.sha256 == sha)
+        {
+            // The same bytes under another release: the new job keeps them.
+            return;
+        }
         let _ = fsutil::remove_file_if_exists(&self.part_path(sha));
         let art = self.artifact_path(sha);
         let in_use = [&self.st.current, &self.st.previous]
@@ -1245,7 +1352,8 @@ impl Agent {
         Ok(())
     }
 
-    /// Remove downloaded artifacts no installed release refers to.
+    /// Remove downloaded artifacts and partial downloads that neither an installed release
+    /// nor the job under way refers to (left by a cancel, or by a crash before one finished).
     fn prune_artifacts(&self) {
         let dir = self.cfg.data_dir.join("artifacts");
         let Ok(rd) = std::fs::read_dir(&dir) else {
@@ -1255,7 +1363,12 @@ impl Agent {
             .into_iter()
             .flatten()
             .map(|i| i.location.clone())
-            .chain(self.st.job.iter().filter_map(|j| j.artifact.clone()))
+            .chain(self.st.job.iter().flat_map(|j| {
+                let sha = &j.release.artifact.sha256;
+                [self.part_path(sha), self.artifact_path(sha)]
+                    .into_iter()
+                    .chain(j.artifact.clone())
+            }))
             .collect();
         for e in rd.flatten() {
             if !keep.contains(&e.path()) {
@@ -1304,6 +1417,8 @@ impl Agent {
             tracing::error!(error = %e, "revert step failed");
             detail = format!("{detail}\nrevert: {e}");
         }
+        // An install interrupted before this revert may have left a half-unpacked release.
+        self.sweep_install_leftovers();
         self.st.current = job.before_current.clone();
         self.st.previous = job.before_previous.clone();
         self.st.job = None;

@@ -298,6 +298,40 @@ pub fn remove_dir_if_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// Remove every entry of `dir` whose name starts with `prefix` (directory trees and files),
+/// then fsync `dir` so the removals survive a power cut. A missing `dir` holds nothing.
+/// Returns how many entries were removed.
+pub fn remove_entries_with_prefix(dir: &Path, prefix: &str) -> Result<usize> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io("read dir", dir, e)),
+    };
+    let mut removed = 0;
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io("read dir", dir, e))?;
+        if !entry.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        let path = entry.path();
+        // `file_type` does not follow symlinks: a link is removed, never what it points at.
+        let is_dir = entry
+            .file_type()
+            .map_err(|e| Error::io("stat", &path, e))?
+            .is_dir();
+        if is_dir {
+            remove_dir_if_exists(&path)?;
+        } else {
+            remove_file_if_exists(&path)?;
+        }
+        removed += 1;
+    }
+    if removed > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,6 +503,37 @@ mod tests {
             .unwrap()
             .to_string_lossy()
             .starts_with(".state.json.tmp-"));
+    }
+
+    #[test]
+    fn entries_with_a_prefix_are_removed_and_others_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join(".staging-1.2.0/sub")).unwrap();
+        fs::write(d.path().join(".staging-1.2.0/sub/f"), b"half").unwrap();
+        fs::write(d.path().join(".staging-odd"), b"a file").unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join(".staging-link")).unwrap();
+        fs::write(outside.path().join("keep"), b"k").unwrap();
+        fs::create_dir(d.path().join("1.2.0")).unwrap();
+        fs::create_dir(d.path().join(".other")).unwrap();
+        assert_eq!(
+            remove_entries_with_prefix(d.path(), ".staging-").unwrap(),
+            3
+        );
+        assert_eq!(names(d.path()), vec![".other", "1.2.0"]);
+        assert!(
+            outside.path().join("keep").exists(),
+            "a link's target is left alone"
+        );
+        assert_eq!(
+            remove_entries_with_prefix(d.path(), ".staging-").unwrap(),
+            0
+        );
+        let missing = d.path().join("missing");
+        assert_eq!(
+            remove_entries_with_prefix(&missing, ".staging-").unwrap(),
+            0
+        );
     }
 
     #[test]

@@ -44,7 +44,15 @@ pub trait Installer: Send + Sync + std::fmt::Debug {
     ) -> BoxFut<'a, Result<()>>;
     /// Remove installed releases other than those in `keep`.
     fn prune(&self, keep: &[&Installed]) -> Result<()>;
+    /// Remove what interrupted installs left behind and nothing will use again (the agent
+    /// calls it at start-up and at revert, never while an install runs). Default: nothing.
+    fn sweep(&self) -> Result<()> {
+        Ok(())
+    }
 }
+
+/// Name prefix of the directories bundles are unpacked into before their atomic rename.
+const STAGING_PREFIX: &str = ".staging-";
 
 /// The real installer, rooted at a directory (any directory: a simulator gives each agent its
 /// own temp dir).
@@ -74,6 +82,11 @@ impl FsInstaller {
         self.root.join("releases")
     }
 
+    /// `{root}/releases/.staging-{version}`: where a bundle is unpacked before its rename.
+    fn staging(&self, version: &str) -> PathBuf {
+        self.releases().join(format!("{STAGING_PREFIX}{version}"))
+    }
+
     fn backup_for(&self, target: &Path) -> PathBuf {
         let flat: String = target
             .to_string_lossy()
@@ -96,7 +109,7 @@ impl FsInstaller {
         if !points_here {
             // A directory left by an interrupted attempt is not trusted: unpack again.
             fsutil::remove_dir_if_exists(&dir)?;
-            let staging = releases.join(format!(".staging-{version}"));
+            let staging = self.staging(&version);
             fsutil::remove_dir_if_exists(&staging)?;
             let res = unpack_tar_gz(artifact, &staging).and_then(|()| {
                 fs::rename(&staging, &dir).map_err(|e| Error::io("rename", &dir, e))?;
@@ -266,6 +279,18 @@ impl Installer for FsInstaller {
                     detail: e.to_string(),
                 })?
         })
+    }
+
+    /// Remove every `{root}/releases/.staging-*`: an unpack interrupted by a crash (or more
+    /// than one, of different versions) leaves one, and only an install of that same version
+    /// would reuse its name; `prune` keeps hidden names.
+    fn sweep(&self) -> Result<()> {
+        let releases = self.releases();
+        let removed = fsutil::remove_entries_with_prefix(&releases, STAGING_PREFIX)?;
+        if removed > 0 {
+            tracing::info!(removed, dir = %releases.display(), "removed leftovers of interrupted unpacks");
+        }
+        Ok(())
     }
 
     fn prune(&self, keep: &[&Installed]) -> Result<()> {
@@ -453,5 +478,58 @@ mod tests {
         assert!(link_stays_inside(Path::new("bin/x"), Path::new("../lib/y")));
         assert!(!link_stays_inside(Path::new("x"), Path::new("../y")));
         assert!(!link_stays_inside(Path::new("x"), Path::new("/etc")));
+    }
+
+    /// A real tar.gz holding one `VERSION` file.
+    fn bundle_file(dir: &Path, version: &str) -> PathBuf {
+        let path = dir.join(format!("{version}.tar.gz"));
+        let gz = flate2::write::GzEncoder::new(
+            File::create(&path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut t = tar::Builder::new(gz);
+        let body = format!("{version}\n");
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        t.append_data(&mut h, "VERSION", body.as_bytes()).unwrap();
+        t.into_inner().unwrap().finish().unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn sweep_removes_interrupted_unpacks_that_prune_keeps_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let inst = FsInstaller::new(d.path().join("root"), Duration::from_secs(5), 256);
+        let r1 = ringcast_proto::testkit::sample_release("app", 1, 1);
+        let a1 = bundle_file(d.path(), "1.1.0");
+        let installed = inst.install(&r1, &a1).await.unwrap();
+        // Two unpacks interrupted by crashes, of versions never installed again.
+        for v in ["1.2.0", "1.3.0"] {
+            let half = inst.staging(v).join("usr/lib");
+            fs::create_dir_all(&half).unwrap();
+            fs::write(half.join("partial.so"), b"half written").unwrap();
+        }
+        // Pruning keeps hidden names: on its own, nothing would ever remove them.
+        inst.prune(&[&installed]).unwrap();
+        assert!(inst.staging("1.2.0").exists());
+        inst.sweep().unwrap();
+        let mut left: Vec<String> = fs::read_dir(inst.releases())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["1.1.0"]);
+        assert_eq!(
+            fs::read_to_string(inst.current_link().join("VERSION")).unwrap(),
+            "1.1.0\n"
+        );
+        // Nothing to sweep, or no releases directory at all: fine.
+        inst.sweep().unwrap();
+        FsInstaller::new(d.path().join("fresh"), Duration::from_secs(5), 256)
+            .sweep()
+            .unwrap();
     }
 }

@@ -44,8 +44,18 @@
 //!   device `hold` directive arrives (the device follows its ring again) or when a ring
 //!   directive for a *different rollout* than the one current at pin time is accepted.
 //!   Ramp percent applies to ring directives only; a device directive names its device.
-//! - **Hold** cancels work that has not activated (download, staged); an install already
-//!   activated finishes its probation (commit or revert).
+//! - **Cancel.** Work that has not activated (downloading, verifying, staged) is dropped as
+//!   soon as the followed directive no longer asks for it: a `hold` (ring or device), an
+//!   install of the release the device already runs (a rollback), of another release (which
+//!   starts instead), of one that failed here in that rollout, or a ring ramp the device is
+//!   not in. The download is aborted, its `.part` and the staged artifact removed, and the
+//!   report says `idle`, `current` unchanged, no `target`, the `rollout_id` of the directive
+//!   that caused it; the event is `held` or `cancelled { reason }` (`state::CancelReason`).
+//!   An install already activated finishes its probation (commit or revert) first. The
+//!   decision is one pure function, `state::plan`.
+//! - **Leftovers.** `releases/.staging-*` directories of interrupted unpacks are removed at
+//!   start-up and at revert ([`Installer::sweep`]); partial or staged downloads no job or
+//!   installed release uses are removed at start-up and after every cancel.
 //! - **Activation** needs the directive's `not_before` passed, one of its windows open, and
 //!   one of the device's own `windows` (config) open; empty lists mean "any time".
 //! - **Phases reported**: `committed` = installed and healthy through probation; `reverted`

@@ -8,7 +8,7 @@ use jiff::Timestamp;
 use ringcast_proto::directive::Activation;
 use ringcast_proto::release::{InstallKind, Release};
 use ringcast_proto::report::ErrorInfo;
-use ringcast_proto::{Directive, Phase, ReleaseRef};
+use ringcast_proto::{Directive, EventKind, Phase, ReleaseRef};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -89,6 +89,147 @@ pub fn is_activated(phase: Phase) -> bool {
         phase,
         Phase::Installing | Phase::Probation | Phase::Reverting
     )
+}
+
+/// Why work that had not activated was dropped. Reported as `held` (a hold) or as
+/// `cancelled` with [`CancelReason::code`] (docs/operations.md lists the codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// A ring or device `hold`, or no directive left to follow (a device hold with no ring
+    /// directive).
+    Held,
+    /// The directive installs the release the device already runs (a ring rolled back).
+    AlreadyCurrent,
+    /// The directive names another release; a job for it starts instead.
+    Superseded,
+    /// The directive names a release that failed here in its rollout.
+    FailedBefore,
+    /// The directive is for a ramp this device is not in (yet).
+    NotInRamp,
+}
+
+impl CancelReason {
+    /// Every reason, for tests and docs.
+    pub const ALL: [CancelReason; 5] = [
+        CancelReason::Held,
+        CancelReason::AlreadyCurrent,
+        CancelReason::Superseded,
+        CancelReason::FailedBefore,
+        CancelReason::NotInRamp,
+    ];
+
+    /// Stable `snake_case` code.
+    pub fn code(self) -> &'static str {
+        match self {
+            CancelReason::Held => "held",
+            CancelReason::AlreadyCurrent => "already_current",
+            CancelReason::Superseded => "superseded",
+            CancelReason::FailedBefore => "failed_before",
+            CancelReason::NotInRamp => "not_in_ramp",
+        }
+    }
+
+    /// The event that reports it: holds keep their `held` event.
+    pub fn event(self) -> EventKind {
+        match self {
+            CancelReason::Held => EventKind::Held,
+            other => EventKind::Cancelled {
+                reason: other.code().to_owned(),
+            },
+        }
+    }
+}
+
+/// What the directive the device follows asks for, as [`plan`] needs it.
+#[derive(Debug, Clone, Copy)]
+pub enum Ask<'a> {
+    /// No directive to follow (none kept, or a device hold ended a pin and the ring has said
+    /// nothing yet).
+    Nothing,
+    /// A `hold`.
+    Hold,
+    /// An `install` of `release`; `in_ramp` is false for a ring directive whose ramp leaves
+    /// this device out.
+    Install {
+        /// The release.
+        release: &'a Release,
+        /// Whether this device is in the ramp (always true for a device directive).
+        in_ramp: bool,
+    },
+}
+
+/// What the agent does about a directive (decided by [`plan`], performed by the agent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Nothing changes.
+    Nothing,
+    /// A hold with nothing to cancel: report it.
+    NoteHold,
+    /// The job's release is asked for again: it takes the directive's rollout and activation.
+    Update,
+    /// Activated work finishes first (commit or revert); the directive is looked at again then.
+    Wait,
+    /// Drop the job that has not activated; the device goes idle on what it runs.
+    Cancel(CancelReason),
+    /// Start a job for the directive's release (a job that has not activated is dropped first,
+    /// reported as [`CancelReason::Superseded`]).
+    Start,
+}
+
+fn same_release(a: &Release, b: &Release) -> bool {
+    a.name == b.name && a.sequence == b.sequence
+}
+
+/// Decide what the followed directive asks of the device, given its work under way: pure, so
+/// every cancel path is a row of this function and tested without a broker.
+///
+/// `failed_before`: the directive's release failed here in the directive's rollout.
+pub fn plan(
+    ask: Ask<'_>,
+    job: Option<&Job>,
+    phase: Phase,
+    current: Option<&ReleaseRef>,
+    failed_before: bool,
+) -> Plan {
+    // Work in these phases can still be dropped (`Step::Cancel`); later, it must finish.
+    let cancellable = transition(Step::Cancel, phase).is_ok();
+    let cancel_or = |reason, otherwise| {
+        if cancellable {
+            Plan::Cancel(reason)
+        } else {
+            otherwise
+        }
+    };
+    let (release, in_ramp) = match ask {
+        Ask::Nothing => return cancel_or(CancelReason::Held, Plan::Nothing),
+        Ask::Hold => return cancel_or(CancelReason::Held, Plan::NoteHold),
+        Ask::Install { release, in_ramp } => (release, in_ramp),
+    };
+    if !in_ramp {
+        // Work the ring no longer asks of this device: another release, or a pin that ended.
+        // The same release from the ring keeps going (a ramp never shrinks under a device).
+        return match job {
+            Some(j) if j.origin == Origin::Device || !same_release(&j.release, release) => {
+                cancel_or(CancelReason::NotInRamp, Plan::Nothing)
+            }
+            _ => Plan::Nothing,
+        };
+    }
+    if let Some(j) = job {
+        if same_release(&j.release, release) {
+            return Plan::Update;
+        }
+        if is_activated(phase) {
+            return Plan::Wait;
+        }
+    }
+    if current.is_some_and(|c| c.name == release.name && c.sequence == release.sequence) {
+        return cancel_or(CancelReason::AlreadyCurrent, Plan::Nothing);
+    }
+    if failed_before {
+        return cancel_or(CancelReason::FailedBefore, Plan::Nothing);
+    }
+    Plan::Start
 }
 
 /// An installed release and where it lives.
@@ -341,6 +482,230 @@ mod tests {
         assert_eq!(transition(Step::RevertDone, Reverting).unwrap(), Reverted);
         for p in [Idle, Downloading, Staged, Committed] {
             assert!(transition(Step::Revert, p).is_err(), "{p:?}");
+        }
+    }
+
+    /// Every phase. The `match` in `phase_list_is_complete` stops compiling when a phase is
+    /// added, so this list (and the tests over it) cannot silently fall behind.
+    const PHASES: [Phase; 10] = [
+        Idle,
+        Downloading,
+        Verifying,
+        Staged,
+        Installing,
+        Probation,
+        Committed,
+        Reverting,
+        Reverted,
+        Failed,
+    ];
+
+    #[test]
+    fn phase_list_is_complete() {
+        for p in PHASES {
+            match p {
+                Idle | Downloading | Verifying | Staged | Installing | Probation | Committed
+                | Reverting | Reverted | Failed => {}
+            }
+        }
+        let mut names: Vec<&str> = PHASES.iter().map(|p| p.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), PHASES.len());
+    }
+
+    #[test]
+    fn cancel_goes_to_idle_exactly_in_the_phases_before_activation() {
+        for p in PHASES {
+            let before_activation = matches!(p, Downloading | Verifying | Staged);
+            match transition(Step::Cancel, p) {
+                Ok(next) => {
+                    assert!(before_activation, "{p:?} must not be cancellable");
+                    assert_eq!(next, Idle, "{p:?}");
+                }
+                Err(d) => {
+                    assert!(!before_activation, "{p:?} must be cancellable");
+                    assert_eq!(
+                        d,
+                        Disallowed {
+                            step: Step::Cancel,
+                            phase: p
+                        }
+                    );
+                }
+            }
+        }
+    }
+
+    fn rel(seq: u64) -> Release {
+        ringcast_proto::testkit::sample_release("app", seq, 1)
+    }
+
+    fn job(seq: u64, origin: Origin) -> Job {
+        Job::new("r-job".into(), origin, rel(seq), Activation::default())
+    }
+
+    /// The phases a job is in (with no job, the device is in one of the others).
+    fn with_job(p: Phase) -> bool {
+        !matches!(p, Idle | Committed | Reverted | Failed)
+    }
+
+    #[test]
+    fn hold_cancels_unactivated_work_and_is_only_noted_otherwise() {
+        let j = job(2, Origin::Ring);
+        for p in PHASES {
+            let job = with_job(p).then_some(&j);
+            let want = if matches!(p, Downloading | Verifying | Staged) {
+                Plan::Cancel(CancelReason::Held)
+            } else {
+                Plan::NoteHold
+            };
+            assert_eq!(plan(Ask::Hold, job, p, None, false), want, "{p:?}");
+            // No directive left to follow (a device hold ended a pin, the ring said nothing).
+            let want = match want {
+                Plan::NoteHold => Plan::Nothing,
+                other => other,
+            };
+            assert_eq!(plan(Ask::Nothing, job, p, None, false), want, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn install_of_the_running_release_cancels_unactivated_work_for_another() {
+        let current = release_ref(&rel(1));
+        let back = rel(1);
+        let j = job(2, Origin::Ring);
+        for p in PHASES {
+            let job = with_job(p).then_some(&j);
+            let want = match p {
+                Downloading | Verifying | Staged => Plan::Cancel(CancelReason::AlreadyCurrent),
+                Installing | Probation | Reverting => Plan::Wait,
+                _ => Plan::Nothing,
+            };
+            let ask = Ask::Install {
+                release: &back,
+                in_ramp: true,
+            };
+            assert_eq!(plan(ask, job, p, Some(&current), false), want, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn install_of_a_release_that_failed_here_cancels_unactivated_work_for_another() {
+        let current = release_ref(&rel(1));
+        let failed = rel(3);
+        let j = job(2, Origin::Ring);
+        for p in PHASES {
+            let job = with_job(p).then_some(&j);
+            let want = match p {
+                Downloading | Verifying | Staged => Plan::Cancel(CancelReason::FailedBefore),
+                Installing | Probation | Reverting => Plan::Wait,
+                _ => Plan::Nothing,
+            };
+            let ask = Ask::Install {
+                release: &failed,
+                in_ramp: true,
+            };
+            assert_eq!(plan(ask, job, p, Some(&current), true), want, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn install_of_another_release_supersedes_unactivated_work_and_waits_for_activated() {
+        let current = release_ref(&rel(1));
+        let next = rel(3);
+        let j = job(2, Origin::Ring);
+        for p in PHASES {
+            let job = with_job(p).then_some(&j);
+            let want = match p {
+                Installing | Probation | Reverting => Plan::Wait,
+                _ => Plan::Start,
+            };
+            let ask = Ask::Install {
+                release: &next,
+                in_ramp: true,
+            };
+            assert_eq!(plan(ask, job, p, Some(&current), false), want, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn install_of_the_job_release_updates_the_job_in_every_phase() {
+        let same = rel(2);
+        for origin in [Origin::Ring, Origin::Device] {
+            let j = job(2, origin);
+            for p in PHASES.into_iter().filter(|p| with_job(*p)) {
+                let ask = Ask::Install {
+                    release: &same,
+                    in_ramp: true,
+                };
+                assert_eq!(plan(ask, Some(&j), p, None, false), Plan::Update, "{p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn ring_ramp_without_this_device_cancels_work_it_no_longer_asks_for() {
+        let other = rel(3);
+        let same = rel(2);
+        let out = |r| Ask::Install {
+            release: r,
+            in_ramp: false,
+        };
+        for p in PHASES {
+            let cancellable = matches!(p, Downloading | Verifying | Staged);
+            let ring_job = job(2, Origin::Ring);
+            let pin_job = job(2, Origin::Device);
+            let (ring_job, pin_job) = if with_job(p) {
+                (Some(&ring_job), Some(&pin_job))
+            } else {
+                (None, None)
+            };
+            let cancel = if cancellable {
+                Plan::Cancel(CancelReason::NotInRamp)
+            } else {
+                Plan::Nothing
+            };
+            // Another release: the ring moved on without this device.
+            assert_eq!(plan(out(&other), ring_job, p, None, false), cancel, "{p:?}");
+            // A pin ended and the ring's ramp leaves the device out.
+            assert_eq!(plan(out(&same), pin_job, p, None, false), cancel, "{p:?}");
+            // The ring's own job for the same release keeps going.
+            assert_eq!(plan(out(&same), ring_job, p, None, false), Plan::Nothing);
+        }
+    }
+
+    #[test]
+    fn cancel_reason_codes_are_unique_snake_case_and_in_the_operations_guide() {
+        let doc = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/operations.md"
+        ));
+        let mut codes: Vec<&str> = CancelReason::ALL.iter().map(|r| r.code()).collect();
+        for c in &codes {
+            assert!(
+                c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_'),
+                "{c}"
+            );
+            assert!(
+                doc.contains(&format!("`{c}`")),
+                "docs/operations.md lacks `{c}`"
+            );
+        }
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), CancelReason::ALL.len());
+        for r in CancelReason::ALL {
+            let e = r.event();
+            match r {
+                CancelReason::Held => assert_eq!(e, EventKind::Held),
+                _ => assert_eq!(
+                    e,
+                    EventKind::Cancelled {
+                        reason: r.code().into()
+                    }
+                ),
+            }
         }
     }
 

@@ -210,6 +210,12 @@ pub enum EventKind {
     },
     /// A hold directive was accepted.
     Held,
+    /// Work that had not activated (a download, a verification, a staged release) was
+    /// dropped for a directive that is not a hold; the device keeps what it runs.
+    Cancelled {
+        /// Stable code: `already_current`, `superseded`, `failed_before`, `not_in_ramp`.
+        reason: String,
+    },
 }
 
 impl EventKind {
@@ -229,6 +235,7 @@ impl EventKind {
             EventKind::InstallFailed { .. } => "install_failed",
             EventKind::TrustRotated { .. } => "trust_rotated",
             EventKind::Held => "held",
+            EventKind::Cancelled { .. } => "cancelled",
         }
     }
 }

@@ -445,6 +445,43 @@ impl Stage {
         c
     }
 
+    /// The URL agents reach this stage's broker at (through the proxy when embedded).
+    pub fn broker_url(&self) -> &str {
+        &self.broker_url
+    }
+
+    /// The configuration the in-process fleet would give device `id` of `ring` (same broker,
+    /// trust root, artifact server and timings; its certificate on Mosquitto, where `id` must
+    /// be in [`StageSpec::external`]), with its data under this stage's directory. For a
+    /// device the scenario runs and restarts itself, e.g. with its own delivery windows.
+    pub fn external_device_config(&self, id: &str, ring: &str) -> ringcast_agent::AgentConfig {
+        let customize: Option<Customize> = self.lab.as_ref().map(|lab| {
+            let ca = lab.certs().ca();
+            let certs = lab.certs().clone();
+            let f: Customize = Arc::new(move |c: &mut ringcast_agent::AgentConfig| {
+                let id = certs.device(&c.device_id);
+                c.broker.ca_file = Some(ca.clone());
+                c.broker.client_cert = Some(id.cert);
+                c.broker.client_key = Some(id.key);
+            });
+            f
+        });
+        let spec = FleetSpec {
+            fleet: FLEET.into(),
+            device_class: CLASS.into(),
+            broker_url: self.broker_url.clone(),
+            trust_root: self.files.trust.clone(),
+            artifact_base_url: Some(self.controller().http_url()),
+            dir: self.root.join("external"),
+            rings: Vec::new(),
+            fail_rate: 0.0,
+            store: StoreKind::Sled,
+            clock: Arc::new(SystemClock),
+            customize,
+        };
+        fleet::device_config(&spec, id, ring)
+    }
+
     /// Jump the controller's clock.
     pub fn advance(&self, d: &str) {
         let d: Dur = d.parse().expect("duration");

@@ -106,6 +106,18 @@ pub struct HttpServer {
     routes: Arc<Mutex<HashMap<String, Vec<Serve>>>>,
     pub hits: Arc<AtomicUsize>,
     pub ranges: Arc<Mutex<Vec<String>>>,
+    /// Connections being answered right now (a stalled answer stays open until the client
+    /// closes it, so this falling to 0 shows the client gave up).
+    pub open: Arc<AtomicUsize>,
+}
+
+/// Counts a connection as open while it lives.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl HttpServer {
@@ -117,6 +129,7 @@ impl HttpServer {
             routes: Arc::default(),
             hits: Arc::default(),
             ranges: Arc::default(),
+            open: Arc::default(),
         };
         let s2 = s.clone();
         std::thread::spawn(move || {
@@ -137,7 +150,23 @@ impl HttpServer {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
 
+    /// Wait until no connection is being answered, or panic after `timeout`. The server
+    /// runs on plain threads with nothing to await, so this polls.
+    pub async fn wait_no_open_connections(&self, what: &str, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.open.load(Ordering::SeqCst) > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {} connection(s) still open",
+                self.open.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn handle(&self, conn: TcpStream) {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        let _open = OpenGuard(self.open.clone());
         let mut r = BufReader::new(conn.try_clone().unwrap());
         let mut line = String::new();
         if r.read_line(&mut line).is_err() {
@@ -653,6 +682,38 @@ command_timeout = "30s"
         std::fs::write(&p, text).unwrap();
         p
     }
+}
+
+/// A device window that is certainly closed now and for the next two days: one minute,
+/// three days ahead (UTC, the devices' default zone).
+pub fn closed_window() -> ringcast_proto::Window {
+    let day = Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .weekday()
+        .wrapping_add(3);
+    let name = match day {
+        jiff::civil::Weekday::Monday => "Mon",
+        jiff::civil::Weekday::Tuesday => "Tue",
+        jiff::civil::Weekday::Wednesday => "Wed",
+        jiff::civil::Weekday::Thursday => "Thu",
+        jiff::civil::Weekday::Friday => "Fri",
+        jiff::civil::Weekday::Saturday => "Sat",
+        jiff::civil::Weekday::Sunday => "Sun",
+    };
+    ringcast_proto::Window::parse(&format!("{name} 03:00-03:01")).unwrap()
+}
+
+/// Files in the device's download area (`{data_dir}/artifacts`), sorted.
+pub fn artifact_files(dev: &Device) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dev.cfg.data_dir.join("artifacts"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 pub fn read_version(root: &Path) -> Option<String> {
