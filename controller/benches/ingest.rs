@@ -95,7 +95,10 @@ fn events(topics: &Topics, round: u64) -> Vec<(String, Vec<u8>)> {
                 9 if i % 10 == 0 => EventKind::Reverted {
                     reason: "health_check_failed".into(),
                     check: Some("self-test".into()),
-                    output: Some(format!("exit 1\n{}", "self-test: sensor timeout ".repeat(8))),
+                    output: Some(format!(
+                        "exit 1\n{}",
+                        "self-test: sensor timeout ".repeat(8)
+                    )),
                 },
                 9 => EventKind::Committed,
                 _ => EventKind::Healthy,
@@ -147,7 +150,9 @@ fn ingest_events(c: &mut Criterion) {
         round += 1;
     }
     let mut g = c.benchmark_group("ingest");
-    g.throughput(Throughput::Elements((EVENT_DEVICES * EVENTS_PER_DEVICE) as u64));
+    g.throughput(Throughput::Elements(
+        (EVENT_DEVICES * EVENTS_PER_DEVICE) as u64,
+    ));
     g.sample_size(10);
     g.bench_function("events_deduplicated_with_history", |b| {
         b.iter_batched(
