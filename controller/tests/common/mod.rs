@@ -289,6 +289,20 @@ impl Fleet {
         phase: Phase,
         release_seq: u64,
     ) {
+        self.report_with_error(device, ring, rollout, phase, release_seq, None)
+            .await
+    }
+
+    /// [`Fleet::report`] with the report's `last_error` set.
+    pub async fn report_with_error(
+        &self,
+        device: &str,
+        ring: &str,
+        rollout: Option<&str>,
+        phase: Phase,
+        release_seq: u64,
+        last_error: Option<ringcast_proto::report::ErrorInfo>,
+    ) {
         let rel = ReleaseRef {
             name: "app".into(),
             version: format!("1.{release_seq}.0"),
@@ -313,7 +327,7 @@ impl Fleet {
             target: Some(rel),
             phase,
             rollout_id: rollout.map(str::to_owned),
-            last_error: None,
+            last_error,
             windows: vec![],
             timezone: "UTC".into(),
             updated_at: testkit::now(),
@@ -324,6 +338,19 @@ impl Fleet {
                 QoS::AtLeastOnce,
                 true,
                 r.to_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Publish an event on `device`'s event topic (QoS 1, not retained, as agents do).
+    pub async fn event(&self, device: &str, e: &ringcast_proto::Event) {
+        self.client
+            .publish(
+                self.topics.events(device),
+                QoS::AtLeastOnce,
+                false,
+                e.to_bytes(),
             )
             .await
             .unwrap();
