@@ -14,7 +14,7 @@
 //! | GET | `/api/v1/rollouts`, `/api/v1/rollouts/{id}` | viewer | state, per-ring tallies |
 //! | POST | `/api/v1/rollouts/{id}/approve` | approver | `{ring?}`: approve a `manual` ring |
 //! | POST | `/api/v1/rollouts/{id}/pause\|resume\|abort` | operator | |
-//! | GET | `/api/v1/devices?ring=&phase=&rollout=`, `/api/v1/devices/{id}` | viewer | latest report, prediction, pin |
+//! | GET | `/api/v1/devices?ring=&phase=&rollout=`, `/api/v1/devices/{id}` | viewer | latest report, prediction, pin; one device also its recent `events`, newest first |
 //! | POST | `/api/v1/devices/{id}/pin` | approver | `{release_id}`: pin the device to a release (per-device directive) |
 //! | DELETE | `/api/v1/devices/{id}/pin` | approver | end the pin: the device follows its ring again |
 //! | GET | `/api/v1/audit` | viewer | the raw hash-chained log (verify it client-side) |
@@ -32,8 +32,8 @@ use crate::config::{ApiRole, Promotion};
 use crate::engine::{self, Actor, EngineHandle, RolloutAction, Submit};
 use crate::error::Error;
 use crate::model::{
-    Approval, DevicePin, DeviceRecord, ReleaseRecord, Rollout, RolloutState, Stage, StepRecord,
-    Tally,
+    Approval, DevicePin, DeviceRecord, EventEntry, ReleaseRecord, Rollout, RolloutState, Stage,
+    StepRecord, Tally,
 };
 use crate::shared::Shared;
 use axum::body::Bytes;
@@ -744,6 +744,11 @@ pub struct DeviceView {
     /// The pin standing on the device, if any.
     #[serde(default)]
     pub pin: Option<PinView>,
+    /// The device's recent events, newest first, as kept in its bounded history: a
+    /// `reverted` one carries its `reason`, `check` and `output` tail. Only in
+    /// `GET /api/v1/devices/{id}`; the list leaves it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<EventEntry>>,
     /// Full record.
     pub record: DeviceRecord,
 }
@@ -779,6 +784,7 @@ fn device_view(app: &App, d: &DeviceRecord) -> DeviceView {
             .pins
             .get(&d.id)
             .and_then(PinView::standing),
+        events: None,
         record: d.clone(),
     }
 }
@@ -837,7 +843,10 @@ async fn show_device(
             what: "device",
             id: id.clone(),
         })?;
-    Ok(Json(device_view(&app, &d)))
+    let mut v = device_view(&app, &d);
+    // Whatever the history keeps (it is bounded when written).
+    v.events = Some(app.shared.store.device_events(&id, usize::MAX)?);
+    Ok(Json(v))
 }
 
 /// A device's pin as the API shows it.
@@ -1164,27 +1173,130 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
-async fn dashboard() -> Html<&'static str> {
-    Html(DASHBOARD)
+/// `GET /`: the dashboard, with a Content-Security-Policy that lets only its own script and
+/// style run (a fresh nonce per answer) and the page talk only to this origin: even markup
+/// that reached the page could not run script or load anything.
+async fn dashboard() -> Response {
+    let mut nonce = [0u8; 16];
+    if getrandom::getrandom(&mut nonce).is_err() {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no randomness for the page's nonce",
+        )
+        .into_response();
+    }
+    let nonce = hex::encode(nonce);
+    let csp = format!(
+        "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; \
+         connect-src 'self'; img-src 'none'; base-uri 'none'; form-action 'none'; \
+         frame-ancestors 'none'"
+    );
+    let mut resp = Html(DASHBOARD.replace("{nonce}", &nonce)).into_response();
+    let h = resp.headers_mut();
+    for (k, v) in [
+        (header::CONTENT_SECURITY_POLICY, csp.as_str()),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        if let Ok(v) = header::HeaderValue::from_str(v) {
+            h.insert(k, v);
+        }
+    }
+    resp
 }
 
-const DASHBOARD: &str = r#"<!doctype html>
+/// The dashboard: rollouts with their rings, and a device lookup showing its recent events
+/// and a revert's evidence. Every value from the API is inserted as text (`textContent` on
+/// nodes it creates), never parsed as HTML: check output, errors, ids and details are
+/// whatever devices and operators sent (ACCEPTANCE.md 30). A stopgap until the console.
+const DASHBOARD: &str = r##"<!doctype html>
 <html><head><meta charset="utf-8"><title>Ringcast</title>
-<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse}
-td,th{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left}.bar{display:inline-block;width:12em;height:.8em;background:#eee}
-.bar>span{display:block;height:100%;background:#3a7}.bad{color:#b22}</style></head>
-<body><h1>Ringcast</h1><p>Token: <input id="t" type="password" size="40"> <button onclick="save()">use</button></p>
+<style nonce="{nonce}">body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse}
+td,th{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}.bar{display:inline-block;width:12em;height:.8em;background:#eee}
+.bar>span{display:block;height:100%;background:#3a7}.bad{color:#b22}pre{margin:.2em 0;white-space:pre-wrap;max-width:50em}</style></head>
+<body><h1>Ringcast</h1>
+<p><label>Token: <input id="t" type="password" size="40" autocomplete="off"></label> <button id="use">use</button></p>
+<p><label>Device: <input id="dev" size="30"></label> <button id="look">look up</button></p>
+<div id="device"></div>
 <div id="out">Enter a viewer token.</div>
-<script>
-function save(){localStorage.rc=document.getElementById('t').value;load()}
-async function load(){const t=localStorage.rc;if(!t)return;
-const r=await fetch('/api/v1/rollouts',{headers:{Authorization:'Bearer '+t}});
-if(!r.ok){document.getElementById('out').textContent='HTTP '+r.status;return}
-const rs=await r.json();let h='';
-for(const x of rs.reverse()){h+='<h3>'+x.id+' — '+x.phase+(x.paused?' (paused)':'')+'</h3>'+(x.detail?'<p class=bad>'+x.detail+'</p>':'')+'<table><tr><th>ring</th><th>status</th><th>progress</th><th>committed</th><th>failed</th><th>pending</th><th>unresponsive</th></tr>';
-for(const g of x.rings){const n=Math.max(g.tally.in_ramp,g.tally.reported,1);const p=Math.round(100*g.tally.committed/n);
-h+='<tr><td>'+g.name+'</td><td>'+g.status+'</td><td><span class=bar><span style="width:'+p+'%"></span></span> '+p+'%</td><td>'+g.tally.committed+'</td><td>'+g.tally.failed+'</td><td>'+g.tally.pending+'</td><td>'+g.tally.unresponsive+'</td></tr>'}
-h+='</table>'}
-document.getElementById('out').innerHTML=h||'No rollouts.'}
-load();setInterval(load,2000);
-</script></body></html>"#;
+<script nonce="{nonce}">
+'use strict';
+// The token lives for this tab only; the old dashboard kept it in localStorage for ever.
+let token = sessionStorage.getItem('rc') || '';
+localStorage.removeItem('rc');
+const $ = id => document.getElementById(id);
+// The one way values reach the page: as the text of a new node.
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+function row(cells, tag) {
+  const tr = el('tr');
+  for (const c of cells) {
+    if (c instanceof Node) { const td = el(tag || 'td'); td.append(c); tr.append(td); }
+    else tr.append(el(tag || 'td', c));
+  }
+  return tr;
+}
+function show(id, nodes) { $(id).replaceChildren(...nodes); }
+async function api(path) {
+  const r = await fetch(path, {headers: {Authorization: 'Bearer ' + token}});
+  if (!r.ok) throw new Error('HTTP ' + r.status);
+  return r.json();
+}
+function progress(p) {
+  const wrap = el('span'), outer = el('span', null, 'bar'), inner = el('span');
+  inner.style.width = p + '%';
+  outer.append(inner);
+  wrap.append(outer, ' ' + p + '%');
+  return wrap;
+}
+async function load() {
+  if (!token) return;
+  let rs;
+  try { rs = await api('/api/v1/rollouts'); } catch (e) { show('out', [el('p', e.message, 'bad')]); return; }
+  const nodes = [];
+  for (const x of rs.reverse()) {
+    nodes.push(el('h3', x.id + ' — ' + x.phase + (x.paused ? ' (paused)' : '')));
+    if (x.detail) nodes.push(el('p', x.detail, 'bad'));
+    const t = el('table');
+    t.append(row(['ring', 'status', 'progress', 'committed', 'failed', 'pending', 'unresponsive'], 'th'));
+    for (const g of x.rings) {
+      const n = Math.max(g.tally.in_ramp, g.tally.reported, 1);
+      const p = Math.round(100 * g.tally.committed / n);
+      t.append(row([g.name, g.status, progress(p), g.tally.committed, g.tally.failed, g.tally.pending, g.tally.unresponsive]));
+    }
+    nodes.push(t);
+  }
+  show('out', nodes.length ? nodes : [el('p', 'No rollouts.')]);
+}
+// A device's recent events, newest first, with a revert's reason, check and output.
+async function lookup() {
+  const id = $('dev').value.trim();
+  if (!id || !token) return;
+  let d;
+  try { d = await api('/api/v1/devices/' + encodeURIComponent(id)); }
+  catch (e) { show('device', [el('p', id + ': ' + e.message, 'bad')]); return; }
+  const nodes = [el('h3', d.id + ' — ' + (d.phase || '-') + ' on ' + (d.current || '-') + (d.unresponsive ? ' (silent)' : ''))];
+  const err = d.record && d.record.report && d.record.report.last_error;
+  if (err) nodes.push(el('p', 'last error ' + err.reason + ': ' + err.detail, 'bad'));
+  const t = el('table');
+  t.append(row(['#', 'at', 'event', 'rollout', 'evidence'], 'th'));
+  for (const e of d.events || []) {
+    const ev = el('div');
+    for (const k of ['reason', 'check', 'detail']) if (e[k] !== undefined && e[k] !== null) ev.append(el('div', k + ': ' + e[k]));
+    if (e.output !== undefined && e.output !== null) ev.append(el('pre', e.output));
+    t.append(row([e.seq, e.at, e.event, e.rollout_id || '', ev]));
+  }
+  nodes.push((d.events || []).length ? t : el('p', 'No events kept.'));
+  show('device', nodes);
+}
+$('use').addEventListener('click', () => { token = $('t').value; sessionStorage.setItem('rc', token); load(); });
+$('look').addEventListener('click', lookup);
+$('dev').addEventListener('keydown', e => { if (e.key === 'Enter') lookup(); });
+load(); setInterval(load, 2000);
+</script></body></html>"##;

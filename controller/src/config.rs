@@ -199,8 +199,15 @@ pub struct ServerConfig {
     /// this much free space per upload in flight. Default 8 GiB.
     #[serde(default = "default_max_artifact")]
     pub max_artifact_bytes: u64,
+    /// Events kept per device (its history, where a revert's evidence outlives the events
+    /// after it). Default 50; at least 1.
+    #[serde(default = "default_device_events")]
+    pub device_events: usize,
 }
 
+fn default_device_events() -> usize {
+    crate::store::EVENT_HISTORY
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8480))
 }

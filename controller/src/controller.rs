@@ -198,7 +198,8 @@ impl Controller {
             shared.devices.clone(),
             shared.counters.clone(),
             shared.wake.clone(),
-        );
+        )
+        .with_event_history(config.server.device_events.max(1));
 
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await

@@ -17,7 +17,10 @@ use crate::model::{
 };
 use crate::shared::Shared;
 use jiff::{SignedDuration, Timestamp};
-use ringcast_proto::{directive, in_ramp, Action, Activation, Directive, Envelope, Percent, Phase};
+use ringcast_proto::report::ErrorInfo;
+use ringcast_proto::{
+    directive, in_ramp, Action, Activation, Directive, Envelope, Event, EventKind, Percent, Phase,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -353,6 +356,157 @@ pub fn gate_passes(t: &Tally, ring: &RingPolicy, last_step: bool) -> bool {
         ring.gate.min_reports.min(t.in_ramp)
     };
     t.committed >= need && t.failure_rate() <= ring.gate.max_failure_rate
+}
+
+/// What one failing device says about its failure: the evidence a halt's reason cites.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureEvidence {
+    /// Device id.
+    pub device: String,
+    /// What failed.
+    pub cause: FailureCause,
+    /// The tail of the failing check's output, or the error's detail.
+    pub output: Option<String>,
+}
+
+/// What failed on a device, as its events or report name it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FailureCause {
+    /// A health check, named by the device's `reverted` event.
+    Check(String),
+    /// A reason code (a revert without a check, an install failure, the report's `last_error`).
+    Reason(String),
+    /// The device reported a failure phase and nothing about why.
+    Unknown,
+}
+
+impl FailureEvidence {
+    /// Evidence for `device` from its newest `reverted` (or `install_failed`) event for the
+    /// rollout, falling back to its state report's `last_error`.
+    pub fn from_device(
+        device: &str,
+        event: Option<&Event>,
+        last_error: Option<&ErrorInfo>,
+    ) -> FailureEvidence {
+        let nonempty = |s: &str| (!s.trim().is_empty()).then(|| s.to_owned());
+        let from_report = || last_error.and_then(|e| nonempty(&e.detail));
+        let (cause, output) = match event.map(|e| &e.kind) {
+            Some(EventKind::Reverted {
+                reason,
+                check,
+                output,
+            }) => (
+                match check {
+                    Some(c) => FailureCause::Check(c.clone()),
+                    None => FailureCause::Reason(reason.clone()),
+                },
+                output.as_deref().and_then(nonempty).or_else(from_report),
+            ),
+            Some(EventKind::InstallFailed { reason, detail }) => (
+                FailureCause::Reason(reason.clone()),
+                nonempty(detail).or_else(from_report),
+            ),
+            _ => match last_error {
+                Some(e) => (FailureCause::Reason(e.reason.clone()), from_report()),
+                None => (FailureCause::Unknown, None),
+            },
+        };
+        FailureEvidence {
+            device: device.to_owned(),
+            cause,
+            output,
+        }
+    }
+}
+
+/// Longest output tail a halt reason quotes, in characters.
+pub const HALT_OUTPUT_CHARS: usize = 120;
+/// Longest check name or reason code a halt reason quotes, in characters.
+const HALT_NAME_CHARS: usize = 64;
+
+/// `s` on one line for a reason string: lines trimmed and joined with `": "`, control
+/// characters (terminal escapes included) made spaces, and only the last `max` characters
+/// kept, after an ellipsis: the end of an output is where the error is.
+fn one_line_tail(s: &str, max: usize) -> String {
+    let joined = s
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ");
+    let clean: Vec<char> = joined
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.len() <= max {
+        return clean.into_iter().collect();
+    }
+    let keep = max.saturating_sub(1);
+    std::iter::once('…')
+        .chain(clean[clean.len() - keep..].iter().copied())
+        .collect()
+}
+
+/// The reason a crossed gate gives (audit log, the rollout's state, the release's `blocked`):
+/// the tally, then the most common cause among the failing devices' `evidence`, with one
+/// device as an example and its output tail. Pure: the engine gathers the evidence.
+pub fn halt_reason(ring: &str, t: &Tally, max_rate: f64, evidence: &[FailureEvidence]) -> String {
+    let mut reason = format!(
+        "gate crossed in ring {ring}: {} of {} failed (rate {:.2} > {:.2})",
+        t.failed,
+        t.reported.max(t.in_ramp),
+        t.failure_rate(),
+        max_rate
+    );
+    let mut by_cause: BTreeMap<&FailureCause, Vec<&FailureEvidence>> = BTreeMap::new();
+    for e in evidence {
+        by_cause.entry(&e.cause).or_default().push(e);
+    }
+    // The most devices wins, ties to the first cause in order; a device that said nothing
+    // is never "the most common failure" while another said something.
+    let top = by_cause
+        .iter()
+        .filter(|(c, _)| **c != &FailureCause::Unknown)
+        .fold(
+            None::<(&FailureCause, &Vec<&FailureEvidence>)>,
+            |best, (c, ds)| match best {
+                Some((_, b)) if b.len() >= ds.len() => best,
+                _ => Some((c, ds)),
+            },
+        )
+        .or_else(|| by_cause.iter().next().map(|(c, ds)| (*c, ds)));
+    let Some((cause, devices)) = top else {
+        return reason;
+    };
+    let what = match cause {
+        FailureCause::Check(c) => format!("check {:?}", one_line_tail(c, HALT_NAME_CHARS)),
+        FailureCause::Reason(r) => format!("reason {:?}", one_line_tail(r, HALT_NAME_CHARS)),
+        FailureCause::Unknown => "no reported cause".to_owned(),
+    };
+    let n = devices.len();
+    let of = if n < evidence.len() {
+        format!(" of {}", evidence.len())
+    } else {
+        String::new()
+    };
+    let plural = if n == 1 && of.is_empty() { "" } else { "s" };
+    let mut sorted = devices.clone();
+    sorted.sort_by(|a, b| a.device.cmp(&b.device));
+    let example = sorted
+        .iter()
+        .find(|d| d.output.is_some())
+        .or(sorted.first())
+        .copied();
+    reason.push_str(&format!(
+        "; most common failure: {what} on {n}{of} device{plural}"
+    ));
+    if let Some(d) = example {
+        reason.push_str(&format!(", e.g. {}", d.device));
+        if let Some(o) = &d.output {
+            reason.push_str(&format!(": {:?}", one_line_tail(o, HALT_OUTPUT_CHARS)));
+        }
+    }
+    reason
 }
 
 enum Next {
@@ -1599,14 +1753,60 @@ impl Engine {
     fn halt(&mut self, r: &Rollout, idx: usize, t: &Tally) {
         let now = self.now();
         let rp = self.shared.policy.rings[idx].clone();
-        let reason = format!(
-            "gate crossed in ring {}: {} of {} failed (rate {:.2} > {:.2})",
-            rp.name,
-            t.failed,
-            t.reported.max(t.in_ramp),
-            t.failure_rate(),
-            rp.gate.max_failure_rate
-        );
+        // The devices `tally` counts as failed in this ring, each with what it said about
+        // why. A bounded sample (by id) keeps a halt in a large ring from waiting on sled.
+        const MAX_EVIDENCE: usize = 256;
+        let mut failing: Vec<(String, Option<ErrorInfo>)> = {
+            let devices = self
+                .shared
+                .devices
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            devices
+                .values()
+                .filter_map(|d| {
+                    let rep = d.report.as_ref()?;
+                    let ours = rep.target.as_ref().is_none_or(|x| {
+                        x.name == r.release_name && x.sequence == r.release_sequence
+                    });
+                    (rep.ring == rp.name
+                        && rep.rollout_id.as_deref() == Some(r.id.as_str())
+                        && rep.phase.is_failure()
+                        && ours)
+                        .then(|| (d.id.clone(), rep.last_error.clone()))
+                })
+                .collect()
+        };
+        failing.sort_by(|a, b| a.0.cmp(&b.0));
+        failing.truncate(MAX_EVIDENCE);
+        let concerns = |e: &Event| {
+            matches!(
+                e.kind,
+                EventKind::Reverted { .. } | EventKind::InstallFailed { .. }
+            ) && (e.rollout_id.as_deref() == Some(r.id.as_str())
+                || e.release
+                    .as_ref()
+                    .is_some_and(|x| x.name == r.release_name && x.sequence == r.release_sequence))
+        };
+        let evidence: Vec<FailureEvidence> = failing
+            .iter()
+            .map(|(device, last_error)| {
+                let event = self
+                    .shared
+                    .store
+                    .newest_device_event(device, concerns)
+                    .unwrap_or_else(|e| {
+                        warn!(device = %device, error = %e, "reading device events failed");
+                        None
+                    });
+                FailureEvidence::from_device(
+                    device,
+                    event.as_ref().map(|x| &x.event),
+                    last_error.as_ref(),
+                )
+            })
+            .collect();
+        let reason = halt_reason(&rp.name, t, rp.gate.max_failure_rate, &evidence);
         warn!(rollout_id = %r.id, ring = %rp.name, %reason, "halting rollout");
         let rollback_to = {
             let st = self.state();
@@ -1755,6 +1955,125 @@ mod tests {
         assert!(!gate_passes(&t(1, 1, 0, 0), &r, false));
         // The last step never passes on fewer than min_reports.
         assert!(!gate_passes(&t(1, 1, 1, 0), &r, true));
+    }
+
+    fn revert(device: &str, check: Option<&str>, output: Option<&str>) -> Event {
+        Event {
+            id: format!("{device}-0-9"),
+            device: device.into(),
+            at: testkit::now(),
+            rollout_id: Some("r1".into()),
+            release: None,
+            kind: EventKind::Reverted {
+                reason: "health_check_failed".into(),
+                check: check.map(str::to_owned),
+                output: output.map(str::to_owned),
+            },
+        }
+    }
+
+    fn evidence(device: &str, check: &str, output: &str) -> FailureEvidence {
+        FailureEvidence::from_device(
+            device,
+            Some(&revert(device, Some(check), Some(output))),
+            None,
+        )
+    }
+
+    #[test]
+    fn halt_reason_names_the_most_common_check_an_example_device_and_its_output() {
+        let ev = [
+            evidence("dev-7", "self-test", "exit 1\nboom\n"),
+            evidence("dev-3", "self-test", "exit 1\nboom\n"),
+        ];
+        assert_eq!(
+            halt_reason("canary", &t(2, 2, 0, 2), 0.2, &ev),
+            "gate crossed in ring canary: 2 of 2 failed (rate 1.00 > 0.20); most common \
+             failure: check \"self-test\" on 2 devices, e.g. dev-3: \"exit 1: boom\""
+        );
+    }
+
+    #[test]
+    fn halt_reason_counts_causes_and_prefers_any_cause_to_none() {
+        let mut ev = vec![
+            evidence("a", "http", "GET http://127.0.0.1/health answered 500"),
+            evidence("b", "self-test", "exit 2"),
+            evidence("c", "self-test", "exit 2"),
+        ];
+        // Five devices that said nothing about why outnumber both, but are not a cause.
+        for d in ["u1", "u2", "u3", "u4", "u5"] {
+            ev.push(FailureEvidence::from_device(d, None, None));
+        }
+        let r = halt_reason("canary", &t(10, 10, 2, 8), 0.2, &ev);
+        assert!(
+            r.ends_with(
+                "; most common failure: check \"self-test\" on 2 of 8 devices, e.g. b: \"exit 2\""
+            ),
+            "{r}"
+        );
+        // A tie goes to the first cause in order, so the reason is the same on every run.
+        let tie = [evidence("z", "b-check", "x"), evidence("y", "a-check", "y")];
+        let r = halt_reason("canary", &t(2, 2, 0, 2), 0.2, &tie);
+        assert!(
+            r.contains("check \"a-check\" on 1 of 2 devices, e.g. y"),
+            "{r}"
+        );
+        // Nothing but silence: said as such.
+        let quiet = [FailureEvidence::from_device("q", None, None)];
+        let r = halt_reason("canary", &t(1, 1, 0, 1), 0.0, &quiet);
+        assert!(
+            r.ends_with("most common failure: no reported cause on 1 device, e.g. q"),
+            "{r}"
+        );
+        // No evidence at all: the tally alone, as before.
+        assert_eq!(
+            halt_reason("canary", &t(1, 1, 0, 1), 0.0, &[]),
+            "gate crossed in ring canary: 1 of 1 failed (rate 1.00 > 0.00)"
+        );
+    }
+
+    #[test]
+    fn halt_reason_falls_back_to_the_reports_last_error() {
+        let err = ErrorInfo {
+            reason: "pre_activate_failed".into(),
+            detail: "hook exited 3".into(),
+        };
+        let e = FailureEvidence::from_device("d1", None, Some(&err));
+        assert_eq!(e.cause, FailureCause::Reason("pre_activate_failed".into()));
+        assert_eq!(e.output.as_deref(), Some("hook exited 3"));
+        let r = halt_reason("canary", &t(1, 1, 0, 1), 0.0, &[e]);
+        assert!(
+            r.ends_with("reason \"pre_activate_failed\" on 1 device, e.g. d1: \"hook exited 3\""),
+            "{r}"
+        );
+        // A revert without a check names its reason, and borrows the report's detail when
+        // the event carries no output.
+        let e = FailureEvidence::from_device("d2", Some(&revert("d2", None, None)), Some(&err));
+        assert_eq!(e.cause, FailureCause::Reason("health_check_failed".into()));
+        assert_eq!(e.output.as_deref(), Some("hook exited 3"));
+    }
+
+    #[test]
+    fn halt_reason_quotes_a_bounded_single_line_tail_of_the_output() {
+        let noisy = format!(
+            "exit 1\n{}\n\u{1b}[31mFATAL\u{1b}[0m \"quoted\" <img src=x onerror=alert(1)>\n\n",
+            "progress line\n".repeat(200)
+        );
+        let r = halt_reason(
+            "canary",
+            &t(1, 1, 0, 1),
+            0.0,
+            &[evidence("d", "self-test", &noisy)],
+        );
+        let quoted = r.split(", e.g. d: ").nth(1).expect("output quoted");
+        let tail: String = serde_json::from_str(quoted).expect("a quoted string");
+        assert_eq!(tail.chars().count(), HALT_OUTPUT_CHARS);
+        assert!(tail.starts_with('…'), "{tail}");
+        assert!(
+            tail.ends_with("FATAL [0m \"quoted\" <img src=x onerror=alert(1)>"),
+            "the end is kept, escapes neutralised: {tail}"
+        );
+        assert!(!r.contains('\n') && !r.contains('\u{1b}'), "{r}");
     }
 
     #[test]

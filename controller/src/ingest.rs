@@ -5,10 +5,15 @@
 //! the engine woken (so a gate halts within a second of the deciding report); sled writes are
 //! batched and not fsynced per report: retained reports are re-read after a restart, which is
 //! the durability story (DESIGN.md "Controller").
+//!
+//! Events are the exception: they are not retained, so nothing re-delivers them. Each new one
+//! goes straight into the device's bounded history in sled (deduplicated by id), which is
+//! where a revert's evidence outlives the events after it; the device record only keeps the
+//! newest as `last_event`.
 
 use crate::model::DeviceRecord;
 use crate::shared::Counters;
-use crate::store::Store;
+use crate::store::{Appended, EventHistory, Store};
 use ringcast_proto::{Clock, Event, Order, StateReport, Topic, Topics};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -38,6 +43,8 @@ pub struct Ingestor {
     wake: Arc<Notify>,
     /// Devices changed since the last flush; serialised once per flush, not per message.
     pending: std::collections::HashSet<String>,
+    /// Each device's bounded event history (this is its only writer).
+    history: EventHistory,
 }
 
 /// Flush the batch when it holds this many devices (or on the flush tick).
@@ -54,6 +61,7 @@ impl Ingestor {
         wake: Arc<Notify>,
     ) -> Ingestor {
         Ingestor {
+            history: store.event_history(crate::store::EVENT_HISTORY),
             topics,
             clock,
             store,
@@ -62,6 +70,12 @@ impl Ingestor {
             wake,
             pending: std::collections::HashSet::new(),
         }
+    }
+
+    /// Keep the newest `limit` events per device (default [`crate::store::EVENT_HISTORY`]).
+    pub fn with_event_history(mut self, limit: usize) -> Ingestor {
+        self.history = self.store.event_history(limit);
+        self
     }
 
     /// Devices changed but not yet written.
@@ -153,14 +167,10 @@ impl Ingestor {
             Ok(e) => e,
             Err(e) => return self.reject(&device, "event", &e),
         };
-        let key = format!("{device}/{}", event.id);
-        match self.store.events.compare_and_swap(
-            key.as_bytes(),
-            None as Option<&[u8]>,
-            Some(payload),
-        ) {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => {
+        let now = self.clock.now();
+        match self.history.append(&device, &event, now) {
+            Ok(Appended::New) => {}
+            Ok(Appended::Duplicate) => {
                 self.counters
                     .duplicate_events
                     .fetch_add(1, Ordering::Relaxed);
@@ -173,7 +183,6 @@ impl Ingestor {
         }
         self.counters.events.fetch_add(1, Ordering::Relaxed);
         info!(device = %device, rollout_id = event.rollout_id.as_deref().unwrap_or(""), event = event.kind.name(), "device event");
-        let now = self.clock.now();
         {
             let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
             let rec = devices
@@ -342,6 +351,72 @@ mod tests {
         }
         assert_eq!(ing.counters.events.load(Ordering::Relaxed), 1);
         assert_eq!(ing.counters.duplicate_events.load(Ordering::Relaxed), 2);
+    }
+
+    fn event(device: &str, n: u32, kind: EventKind) -> Event {
+        Event {
+            id: format!("{device}-0-{n}"),
+            device: device.into(),
+            at: testkit::now(),
+            rollout_id: Some("r1".into()),
+            release: None,
+            kind,
+        }
+    }
+
+    #[test]
+    fn a_revert_stays_in_the_history_after_later_events_and_the_history_is_bounded() {
+        let (_d, ing, _) = setup();
+        let mut ing = ing.with_event_history(4);
+        let topic = "ringcast/lab/devices/d1/events";
+        ing.handle(topic, &event("d1", 0, EventKind::Installed).to_bytes());
+        let revert = event(
+            "d1",
+            1,
+            EventKind::Reverted {
+                reason: "health_check_failed".into(),
+                check: Some("self-test".into()),
+                output: Some("exit 1\nboom".into()),
+            },
+        );
+        ing.handle(topic, &revert.to_bytes());
+        for n in 2..4 {
+            ing.handle(topic, &event("d1", n, EventKind::Held).to_bytes());
+        }
+        let kept = ing.store.device_events("d1", 100).unwrap();
+        assert_eq!(kept.len(), 4);
+        assert_eq!(
+            kept[2].event, revert,
+            "newest first: two events after the revert"
+        );
+        // `last_event` is still the newest, as before.
+        assert_eq!(
+            ing.devices.read().unwrap()["d1"]
+                .last_event
+                .as_ref()
+                .unwrap()
+                .id,
+            "d1-0-3"
+        );
+        // Many more events: still four kept, and the revert has aged out.
+        for n in 4..40 {
+            ing.handle(topic, &event("d1", n, EventKind::Healthy).to_bytes());
+        }
+        let kept = ing.store.device_events("d1", 100).unwrap();
+        assert_eq!(
+            kept.iter().map(|e| e.event.id.as_str()).collect::<Vec<_>>(),
+            ["d1-0-39", "d1-0-38", "d1-0-37", "d1-0-36"]
+        );
+        assert_eq!(ing.counters.events.load(Ordering::Relaxed), 40);
+    }
+
+    #[test]
+    fn an_event_names_the_topic_device_not_the_payload_claim() {
+        let (_d, mut ing, _) = setup();
+        let forged = event("victim", 0, EventKind::Committed);
+        ing.handle("ringcast/lab/devices/attacker/events", &forged.to_bytes());
+        assert_eq!(ing.store.device_events("attacker", 9).unwrap().len(), 1);
+        assert!(ing.store.device_events("victim", 9).unwrap().is_empty());
     }
 
     #[test]

@@ -270,9 +270,24 @@ pub struct DeviceRecord {
     /// Online flag (`…/online`).
     #[serde(default)]
     pub online: Option<bool>,
-    /// Latest event.
+    /// Latest event (the newest of its history, which the store keeps apart: see
+    /// [`EventEntry`]).
     #[serde(default)]
     pub last_event: Option<Event>,
+}
+
+/// One device event as the controller keeps it in the device's bounded history: what the
+/// device sent, numbered in the order it arrived.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventEntry {
+    /// Arrival number on this device: one more per new event, kept across restarts.
+    pub seq: u64,
+    /// Controller time the event arrived.
+    pub received_at: Timestamp,
+    /// The event as the device sent it (`id`, `at`, `event` and the kind's fields, such as a
+    /// revert's `reason`, `check` and `output`).
+    #[serde(flatten)]
+    pub event: Event,
 }
 
 impl DeviceRecord {

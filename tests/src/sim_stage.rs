@@ -266,7 +266,7 @@ impl Stage {
                     host: "127.0.0.1".into(),
                     port: proxy.port,
                     client_id: "ringcast-controller".into(),
-                    protocol: Default::default(),
+                    protocol: ringcast_io::mqtt::Protocol::V311,
                     // rumqttd: no $SYS drop counter.
                     watch_drops: false,
                     persistent_session: false,
@@ -315,6 +315,7 @@ impl Stage {
                 tokens_file: None,
                 public_url: None,
                 max_artifact_bytes: 16 * 1024 * 1024,
+                device_events: ringcast_controller::store::EVENT_HISTORY,
             },
             broker: Some(broker_cfg),
             tokens: Vec::new(),

@@ -2,6 +2,8 @@
 
 use super::common::{block_on, print_json, table, Conn};
 use clap::Subcommand;
+use ringcast_controller::model::EventEntry;
+use ringcast_proto::{Event, EventKind};
 
 /// Arguments of `ringcast devices`.
 #[derive(Debug, clap::Args)]
@@ -26,7 +28,8 @@ enum DevicesCommand {
         #[arg(long)]
         rollout: Option<String>,
     },
-    /// Show one device.
+    /// Show one device, with its recent events newest first (a revert's reason, failing
+    /// check and output tail among them).
     Show {
         /// Device id.
         device: String,
@@ -62,6 +65,82 @@ fn print_pin(p: &ringcast_controller::api::PinView) {
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default()
         ),
+    }
+}
+
+/// `s` with control characters other than tab shown escaped (`\u{1b}`), so what a device
+/// sent cannot drive the operator's terminal.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+fn print_events(events: &[EventEntry]) {
+    if events.is_empty() {
+        println!("events    none kept");
+        return;
+    }
+    println!("events    {} kept, newest first", events.len());
+    for e in events {
+        print_event(Some(e.seq), &e.event);
+    }
+}
+
+/// One event: a line with its number, time, kind and rollout, then its fields (a revert's
+/// evidence: reason, check, and every line of its output tail).
+fn print_event(seq: Option<u64>, e: &Event) {
+    let n = seq.map(|s| format!("#{s} ")).unwrap_or_default();
+    let rollout = e
+        .rollout_id
+        .as_deref()
+        .map(|r| format!("  rollout {}", printable(r)))
+        .unwrap_or_default();
+    println!("  {n}{} {}{rollout}", e.at, e.kind.name());
+    let field = |k: &str, v: &str| {
+        let mut lines = v.trim_end().lines();
+        println!(
+            "      {k:<8}{}",
+            printable(lines.next().unwrap_or_default())
+        );
+        for l in lines {
+            println!("      {:<8}{}", "", printable(l));
+        }
+    };
+    match &e.kind {
+        EventKind::Reverted {
+            reason,
+            check,
+            output,
+        } => {
+            field("reason", reason);
+            if let Some(c) = check {
+                field("check", c);
+            }
+            if let Some(o) = output {
+                field("output", o);
+            }
+        }
+        EventKind::Rejected { reason, detail } => {
+            field("reason", reason.code());
+            field("detail", detail);
+        }
+        EventKind::DownloadFailed { reason, detail, .. }
+        | EventKind::InstallFailed { reason, detail } => {
+            field("reason", reason);
+            field("detail", detail);
+        }
+        EventKind::Downloading { received, total } => {
+            field("bytes", &format!("{received} of {total}"));
+        }
+        EventKind::TrustRotated { version } => field("version", &version.to_string()),
+        _ => {}
     }
 }
 
@@ -141,21 +220,13 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
                     None => println!("update    {} ({})", p.rollout_id, p.note),
                 }
             }
-            if let Some(e) = &d.record.last_event {
-                println!("event     {} at {}", e.kind.name(), e.at);
-                // A revert carries its evidence: the check that failed and its output.
-                if let ringcast_proto::EventKind::Reverted {
-                    reason,
-                    check,
-                    output,
-                } = &e.kind
-                {
-                    println!("  reason  {reason}");
-                    if let Some(c) = check {
-                        println!("  check   {c}");
-                    }
-                    if let Some(o) = output {
-                        println!("  output  {}", o.trim());
+            match &d.events {
+                Some(events) => print_events(events),
+                // A controller from before event history: only the newest event is known.
+                None => {
+                    if let Some(e) = &d.record.last_event {
+                        println!("events    (newest only)");
+                        print_event(None, e);
                     }
                 }
             }

@@ -354,6 +354,7 @@ async fn setup(opts: &Options, screen: &mut Screen) -> Result<World> {
             tokens_file: None,
             public_url: None,
             max_artifact_bytes: 16 * 1024 * 1024,
+            device_events: crate::store::EVENT_HISTORY,
         },
         broker: None,
         tokens: vec![

@@ -112,12 +112,14 @@ impl World {
                 tokens_file: None,
                 public_url: None,
                 max_artifact_bytes: 16 * 1024 * 1024,
+                device_events: ringcast_controller::store::EVENT_HISTORY,
             },
             broker: Some(BrokerConfig {
                 host: "127.0.0.1".into(),
                 port: self.broker_port,
                 client_id: "ringcast-controller".into(),
-                protocol: Default::default(),
+                // The test broker is rumqttd's 3.1.1 listener.
+                protocol: ringcast_io::mqtt::Protocol::V311,
                 // rumqttd: no $SYS drop counter.
                 watch_drops: false,
                 persistent_session: false,
@@ -299,6 +301,20 @@ impl Fleet {
         phase: Phase,
         release_seq: u64,
     ) {
+        self.report_with_error(device, ring, rollout, phase, release_seq, None)
+            .await
+    }
+
+    /// [`Fleet::report`] with the report's `last_error` set.
+    pub async fn report_with_error(
+        &self,
+        device: &str,
+        ring: &str,
+        rollout: Option<&str>,
+        phase: Phase,
+        release_seq: u64,
+        last_error: Option<ringcast_proto::report::ErrorInfo>,
+    ) {
         let rel = ReleaseRef {
             name: "app".into(),
             version: format!("1.{release_seq}.0"),
@@ -324,7 +340,7 @@ impl Fleet {
             target: Some(rel),
             phase,
             rollout_id: rollout.map(str::to_owned),
-            last_error: None,
+            last_error,
             windows: vec![],
             timezone: "UTC".into(),
             updated_at: testkit::now(),
@@ -335,6 +351,19 @@ impl Fleet {
                 QoS::AtLeastOnce,
                 true,
                 r.to_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Publish an event on `device`'s event topic (QoS 1, not retained, as agents do).
+    pub async fn event(&self, device: &str, e: &ringcast_proto::Event) {
+        self.client
+            .publish(
+                self.topics.events(device),
+                QoS::AtLeastOnce,
+                false,
+                e.to_bytes(),
             )
             .await
             .unwrap();
