@@ -23,8 +23,18 @@ pub fn start_embedded() -> Result<u16> {
     Ok(port)
 }
 
+/// Retained messages the embedded broker forwards per new QoS 0 subscription (it drops the
+/// rest): room for the state and online flag of a million devices.
+pub const RETAINED_PER_SUBSCRIPTION: u64 = 4_000_000;
+
 /// Start an embedded rumqttd on `127.0.0.1:port` and wait until it accepts connections.
 pub fn start_embedded_on(port: u16) -> Result<()> {
+    start_embedded_with(port, RETAINED_PER_SUBSCRIPTION)
+}
+
+/// [`start_embedded_on`] with another cap on the retained messages a new subscription gets:
+/// tests use a small one to stand for brokers that truncate a re-read.
+pub fn start_embedded_with(port: u16, retained_per_subscription: u64) -> Result<()> {
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 60_000,
@@ -47,8 +57,8 @@ pub fn start_embedded_on(port: u16) -> Result<()> {
         router: rumqttd::RouterConfig {
             max_connections: 20_010,
             // QoS 0 reads (the controller's state and online wildcards) forward at most this many
-            // retained messages per subscription and drop the rest: room for a million devices.
-            max_outgoing_packet_count: 4_000_000,
+            // retained messages per subscription and drop the rest.
+            max_outgoing_packet_count: retained_per_subscription,
             max_segment_size: 100 * 1024 * 1024,
             max_segment_count: 10,
             ..Default::default()

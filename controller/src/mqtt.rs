@@ -213,6 +213,11 @@ impl Conn {
 
     fn perform(&mut self, actions: Vec<Action>) {
         for a in actions {
+            match &a {
+                Action::SubscribePage(n, d) => debug!(page = n, devices = d.len(), "re-read page"),
+                Action::UnsubscribePage(_) => {}
+                other => debug!(action = ?other, "re-read"),
+            }
             match a {
                 Action::SubscribeWildcards => self.resubscribe_wildcards(Tag::Wildcards),
                 Action::PublishFence(nonce) => {

@@ -141,6 +141,83 @@ pub fn render_config(
     Ok(out)
 }
 
+/// Directives of the shipped configuration that concern who may connect and how (TLS,
+/// certificates, ACL): [`render_plain_config`] drops them.
+const AUTH_DIRECTIVES: [&str; 11] = [
+    "listener",
+    "protocol",
+    "cafile",
+    "certfile",
+    "keyfile",
+    "tls_version",
+    "require_certificate",
+    "use_identity_as_username",
+    "use_username_as_clientid",
+    "acl_file",
+    "allow_anonymous",
+];
+
+/// The shipped configuration with its limits, persistence and logging, but a plain anonymous
+/// listener on `127.0.0.1:port` and no ACL: for tests with more synthetic devices than it is
+/// worth making certificates for (a burst of 20,000 reports), which measure the broker
+/// settings that ship. `overrides` replace the value of a shipped directive (or add one), e.g.
+/// `("max_queued_messages", "100")` to prove what a too-small queue does.
+pub fn render_plain_config(
+    shipped: &str,
+    port: u16,
+    files: &BrokerFiles,
+    as_root: bool,
+    overrides: &[(&str, &str)],
+) -> Result<String> {
+    let paths: [(&str, String); 3] = [
+        (
+            "persistence_location",
+            format!("persistence_location {}/", files.data_dir.display()),
+        ),
+        ("pid_file", format!("pid_file {}", files.pid.display())),
+        ("log_dest", format!("log_dest file {}", files.log.display())),
+    ];
+    let mut seen = [0usize; 3];
+    let mut overridden = vec![false; overrides.len()];
+    let mut out = String::with_capacity(shipped.len() + 256);
+    for line in shipped.lines() {
+        let key = line.split_whitespace().next().unwrap_or("");
+        if AUTH_DIRECTIVES.contains(&key) {
+            out.push_str("# (test harness: plain listener) ");
+            out.push_str(line);
+        } else if let Some(i) = paths.iter().position(|(k, _)| *k == key) {
+            seen[i] += 1;
+            out.push_str(&paths[i].1);
+        } else if let Some(i) = overrides.iter().position(|(k, _)| *k == key) {
+            overridden[i] = true;
+            out.push_str(&format!("{} {}", overrides[i].0, overrides[i].1));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    for (i, (key, _)) in paths.iter().enumerate() {
+        if seen[i] != 1 {
+            return Err(HarnessError::Template(format!(
+                "the shipped mosquitto.conf has {} `{key}` lines; the test templates exactly one",
+                seen[i]
+            )));
+        }
+    }
+    for (i, (k, v)) in overrides.iter().enumerate() {
+        if !overridden[i] {
+            out.push_str(&format!("{k} {v}\n"));
+        }
+    }
+    out.push_str(&format!(
+        "# test harness: plain anonymous listener\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+    ));
+    if as_root {
+        out.push_str("user root\n");
+    }
+    Ok(out)
+}
+
 /// Whether this process runs with effective uid 0 (read from /proc: no libc needed).
 fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -161,6 +238,8 @@ pub struct Mosquitto {
     files: BrokerFiles,
     port: u16,
     child: Option<Child>,
+    /// `Some(overrides)`: the plain-listener flavour ([`render_plain_config`]).
+    plain: Option<Vec<(String, String)>>,
 }
 
 impl Mosquitto {
@@ -192,6 +271,7 @@ impl Mosquitto {
                 files: files.clone(),
                 port,
                 child: None,
+                plain: None,
             };
             match broker.spawn() {
                 Ok(()) => return Ok(broker),
@@ -201,12 +281,72 @@ impl Mosquitto {
         Err(last.unwrap_or_else(|| HarnessError::Timeout("mosquitto never started".into())))
     }
 
+    /// Start the shipped config's plain-listener flavour ([`render_plain_config`]) with
+    /// `overrides`, keeping config, data and log in `dir`. Clients connect to
+    /// `mqtt://127.0.0.1:{port}` with any client id.
+    pub fn start_plain(binary: &Path, dir: &Path, overrides: &[(&str, &str)]) -> Result<Mosquitto> {
+        let data_dir = dir.join("data");
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|e| HarnessError::io_path("creating", &data_dir, e))?;
+        let files = BrokerFiles {
+            ca: PathBuf::new(),
+            server_cert: PathBuf::new(),
+            server_key: PathBuf::new(),
+            acl: PathBuf::new(),
+            data_dir,
+            log: dir.join("mosquitto.log"),
+            pid: dir.join("mosquitto.pid"),
+        };
+        let overrides: Vec<(String, String)> = overrides
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut last = None;
+        for _ in 0..3 {
+            let mut broker = Mosquitto {
+                binary: binary.to_path_buf(),
+                config: dir.join("mosquitto.conf"),
+                files: files.clone(),
+                port: crate::free_port()?,
+                child: None,
+                plain: Some(overrides.clone()),
+            };
+            match broker.spawn() {
+                Ok(()) => return Ok(broker),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| HarnessError::Timeout("mosquitto never started".into())))
+    }
+
+    /// Plain flavour: the overrides the next (re)start uses.
+    pub fn set_overrides(&mut self, overrides: &[(&str, &str)]) {
+        self.plain = Some(
+            overrides
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        );
+    }
+
+    /// `mqtt://127.0.0.1:{port}` (the plain flavour; the shipped one speaks `mqtts://`).
+    pub fn mqtt_url(&self) -> String {
+        format!("mqtt://{}:{}", self.host(), self.port)
+    }
+
     /// Write the config for the current port and start the process; wait until it accepts TCP.
     fn spawn(&mut self) -> Result<()> {
         let shipped_path = shipped_config_path();
         let shipped = std::fs::read_to_string(&shipped_path)
             .map_err(|e| HarnessError::io_path("reading", &shipped_path, e))?;
-        let conf = render_config(&shipped, self.port, &self.files, running_as_root())?;
+        let conf = match &self.plain {
+            None => render_config(&shipped, self.port, &self.files, running_as_root())?,
+            Some(o) => {
+                let o: Vec<(&str, &str)> =
+                    o.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                render_plain_config(&shipped, self.port, &self.files, running_as_root(), &o)?
+            }
+        };
         std::fs::write(&self.config, conf)
             .map_err(|e| HarnessError::io_path("writing", &self.config, e))?;
         // The log is appended across restarts: count the "running" lines seen so far.
@@ -409,6 +549,44 @@ mod tests {
             assert!(
                 !line.contains("/etc/") && !line.contains("/var/") && !line.contains("/run/"),
                 "a system path leaked into the test config: {line:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_flavour_keeps_the_shipped_limits_and_drops_only_auth() {
+        let shipped = std::fs::read_to_string(shipped_config_path()).unwrap();
+        let conf = render_plain_config(
+            &shipped,
+            41883,
+            &files(),
+            false,
+            &[("max_queued_messages", "7"), ("sys_interval", "1")],
+        )
+        .unwrap();
+        let live: Vec<&str> = conf.lines().filter(|l| !l.starts_with('#')).collect();
+        for kept in shipped.lines().filter(|l| {
+            let k = l.split_whitespace().next().unwrap_or("#");
+            !k.starts_with('#')
+                && !AUTH_DIRECTIVES.contains(&k)
+                && ![
+                    "persistence_location",
+                    "pid_file",
+                    "log_dest",
+                    "max_queued_messages",
+                ]
+                .contains(&k)
+        }) {
+            assert!(live.contains(&kept), "plain flavour lost {kept:?}");
+        }
+        assert!(live.contains(&"max_queued_messages 7"));
+        assert!(live.contains(&"sys_interval 1"));
+        assert!(live.contains(&"listener 41883 127.0.0.1"));
+        assert!(live.contains(&"allow_anonymous true"));
+        for auth in ["cafile", "acl_file", "require_certificate"] {
+            assert!(
+                !live.iter().any(|l| l.starts_with(auth)),
+                "{auth} must be dropped"
             );
         }
     }

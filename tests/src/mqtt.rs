@@ -356,3 +356,55 @@ impl Drop for TestClient {
         self.task.abort();
     }
 }
+
+/// Publish every message (QoS 1, `retain` as given) from one plain-TCP client with up to
+/// 200 in flight, and wait until the broker acknowledged them all, within `timeout`. For
+/// synthetic fleets: thousands of retained reports in a second or two.
+pub async fn publish_all(
+    client_id: &str,
+    port: u16,
+    messages: Vec<(String, Vec<u8>)>,
+    retain: bool,
+    timeout: Duration,
+) -> Result<()> {
+    let mut o = plain_options(client_id, "127.0.0.1", port);
+    o.set_inflight(200);
+    o.set_max_packet_size(32 * 1024 * 1024, 32 * 1024 * 1024);
+    let total = messages.len();
+    let (client, mut eventloop) = client_with_nodelay(o, 1024);
+    let feeder = tokio::spawn(async move {
+        for (topic, payload) in messages {
+            if client
+                .publish(topic, QoS::AtLeastOnce, retain, payload)
+                .await
+                .is_err()
+            {
+                return client;
+            }
+        }
+        client
+    });
+    let deadline = Instant::now() + timeout;
+    let mut acked = 0;
+    while acked < total {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(HarnessError::Mqtt(format!(
+                    "{client_id}: connection failed after {acked} of {total} acks: {e}"
+                )))
+            }
+            Err(_) => {
+                return Err(HarnessError::Timeout(format!(
+                    "{client_id}: {acked} of {total} publishes acknowledged within {timeout:?}"
+                )))
+            }
+        }
+    }
+    if let Ok(client) = feeder.await {
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+    }
+    Ok(())
+}

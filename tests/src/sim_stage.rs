@@ -10,6 +10,10 @@
 //!   ([`crate::lab::MosquittoLab`]); the controller connects with its certificate, every
 //!   agent with its own (CN = device id). Cutting the network stops the broker; restarting
 //!   it is a real restart with the same persistence directory.
+//! - [`BrokerKind::MosquittoPlain`]: the shipped config's limits and persistence on a plain
+//!   anonymous listener ([`crate::mosquitto::render_plain_config`]), for scenarios with more
+//!   synthetic devices than certificates, and with [`StageSpec::mosquitto_overrides`] to try
+//!   other limits.
 //!
 //! Time: the controller runs on a [`FakeClock`] that a background task moves forward at real
 //! speed, so scenarios can also jump it past bakes ([`Stage::advance`]). Agents run on the
@@ -51,6 +55,8 @@ pub enum BrokerKind {
     Embedded,
     /// The shipped Mosquitto config, mutual TLS, per-device ACL.
     Mosquitto,
+    /// The shipped Mosquitto config's limits on a plain anonymous listener.
+    MosquittoPlain,
 }
 
 /// A ring of the scenario policy: `steps` percent ramp, `bake`, gate needing `min_reports`
@@ -179,6 +185,14 @@ pub struct StageSpec {
     /// Devices run outside the in-process fleet (e.g. a `ringcast-sim` child process the
     /// scenario kills): they get certificates; the scenario starts them.
     pub external: Vec<String>,
+    /// [`BrokerKind::MosquittoPlain`]: shipped directives to replace, e.g.
+    /// `("max_queued_messages", "100")`.
+    pub mosquitto_overrides: Vec<(String, String)>,
+    /// The MQTT version controller and agents speak (Mosquitto stages; rumqttd speaks 3.1.1).
+    pub protocol: ringcast_io::mqtt::Protocol,
+    /// [`BrokerKind::Embedded`]: retained messages a new subscription gets at most (rumqttd
+    /// drops the rest), to stand for brokers that truncate a re-read.
+    pub embedded_retained_limit: u64,
 }
 
 impl StageSpec {
@@ -195,14 +209,38 @@ impl StageSpec {
             devices,
             store: StoreKind::Sled,
             external: Vec::new(),
+            mosquitto_overrides: Vec::new(),
+            protocol: ringcast_io::mqtt::Protocol::Auto,
+            embedded_retained_limit: ringcast_controller::broker::RETAINED_PER_SUBSCRIPTION,
         }
     }
+}
+
+/// What every agent of a stage gets on top of the fleet's defaults: its certificate on the
+/// TLS lab, and the stage's MQTT version.
+fn agent_customize(
+    lab: Option<&MosquittoLab>,
+    protocol: ringcast_io::mqtt::Protocol,
+) -> Option<Customize> {
+    let tls = lab.map(|lab| (lab.certs().ca(), lab.certs().clone()));
+    let f: Customize = Arc::new(move |c: &mut ringcast_agent::AgentConfig| {
+        c.broker.protocol = protocol;
+        if let Some((ca, certs)) = &tls {
+            let id = certs.device(&c.device_id);
+            c.broker.ca_file = Some(ca.clone());
+            c.broker.client_cert = Some(id.cert);
+            c.broker.client_key = Some(id.key);
+        }
+    });
+    Some(f)
 }
 
 /// A running world: controller, broker, fleet, clock.
 pub struct Stage {
     /// Which broker.
     pub kind: BrokerKind,
+    /// The MQTT version its clients speak.
+    pub protocol: ringcast_io::mqtt::Protocol,
     /// The controller's clock (moves at real speed; [`Stage::advance`] jumps it).
     pub clock: FakeClock,
     /// Keys and trust root.
@@ -216,6 +254,7 @@ pub struct Stage {
     controller: Option<ControllerHandle>,
     proxy: Option<Proxy>,
     lab: Option<MosquittoLab>,
+    plain: Option<crate::mosquitto::Mosquitto>,
     ticker: JoinHandle<()>,
     broker_url: String,
     _dir: Option<tempfile::TempDir>,
@@ -247,6 +286,31 @@ impl Stage {
                 (Some(lab), None)
             }
             BrokerKind::Embedded => (None, Some(tempfile::tempdir().expect("temp dir"))),
+            BrokerKind::MosquittoPlain => {
+                crate::mosquitto::require_or_skip()?;
+                (None, Some(tempfile::tempdir().expect("temp dir")))
+            }
+        };
+        // The embedded rumqttd listens with MQTT 3.1.1 only.
+        let protocol = match spec.broker {
+            BrokerKind::Embedded => ringcast_io::mqtt::Protocol::V311,
+            _ => spec.protocol,
+        };
+        let plain = match spec.broker {
+            BrokerKind::MosquittoPlain => {
+                let bin = crate::mosquitto::find()?;
+                let dir = dir.as_ref().map(|d| d.path().join("mosquitto"))?;
+                let o: Vec<(&str, &str)> = spec
+                    .mosquitto_overrides
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                Some(
+                    crate::mosquitto::Mosquitto::start_plain(&bin, &dir, &o)
+                        .unwrap_or_else(|e| panic!("starting mosquitto failed: {e}")),
+                )
+            }
+            _ => None,
         };
         let root = match (&lab, &dir) {
             (Some(l), _) => l.dir().join("stage"),
@@ -258,9 +322,28 @@ impl Stage {
         let keys = Keys::generate(now, SignedDuration::from_hours(24 * 30)).expect("keys");
         let files = keys.write(&root.join("keys")).expect("key files");
 
-        let (broker_cfg, proxy, broker_url) = match &lab {
-            None => {
-                let port = ringcast_controller::broker::start_embedded().expect("embedded broker");
+        let (broker_cfg, proxy, broker_url) = match (&lab, &plain) {
+            (None, Some(m)) => {
+                let cfg = BrokerConfig {
+                    host: m.host().into(),
+                    port: m.port(),
+                    client_id: "ringcast-controller".into(),
+                    protocol,
+                    watch_drops: true,
+                    persistent_session: true,
+                    username: None,
+                    password: None,
+                    tls: None,
+                };
+                (cfg, None, m.mqtt_url())
+            }
+            (None, None) => {
+                let port = ringcast_controller::broker::free_port().expect("free port");
+                ringcast_controller::broker::start_embedded_with(
+                    port,
+                    spec.embedded_retained_limit,
+                )
+                .expect("embedded broker");
                 let proxy = Proxy::start(port);
                 let cfg = BrokerConfig {
                     host: "127.0.0.1".into(),
@@ -277,13 +360,13 @@ impl Stage {
                 let url = format!("mqtt://127.0.0.1:{}", proxy.port);
                 (cfg, Some(proxy), url)
             }
-            Some(lab) => {
+            (Some(lab), _) => {
                 let c = lab.certs().controller();
                 let cfg = BrokerConfig {
                     host: lab.broker().host().into(),
                     port: lab.broker().port(),
                     client_id: c.name.clone(),
-                    protocol: Default::default(),
+                    protocol,
                     watch_drops: true,
                     persistent_session: true,
                     username: None,
@@ -328,17 +411,7 @@ impl Stage {
         // A restarted controller must serve artifacts where the agents were told to look.
         config.server.listen = controller.http_addr();
 
-        let customize: Option<Customize> = lab.as_ref().map(|lab| {
-            let ca = lab.certs().ca();
-            let certs = lab.certs().clone();
-            let f: Customize = Arc::new(move |c: &mut ringcast_agent::AgentConfig| {
-                let id = certs.device(&c.device_id);
-                c.broker.ca_file = Some(ca.clone());
-                c.broker.client_cert = Some(id.cert);
-                c.broker.client_key = Some(id.key);
-            });
-            f
-        });
+        let customize = agent_customize(lab.as_ref(), protocol);
         let fleet = Fleet::start(FleetSpec {
             fleet: FLEET.into(),
             device_class: CLASS.into(),
@@ -370,6 +443,7 @@ impl Stage {
         });
         let stage = Stage {
             kind: spec.broker,
+            protocol,
             clock,
             keys,
             files,
@@ -378,6 +452,7 @@ impl Stage {
             controller: Some(controller),
             proxy,
             lab,
+            plain,
             ticker,
             broker_url,
             _dir: dir,
@@ -456,17 +531,7 @@ impl Stage {
     /// be in [`StageSpec::external`]), with its data under this stage's directory. For a
     /// device the scenario runs and restarts itself, e.g. with its own delivery windows.
     pub fn external_device_config(&self, id: &str, ring: &str) -> ringcast_agent::AgentConfig {
-        let customize: Option<Customize> = self.lab.as_ref().map(|lab| {
-            let ca = lab.certs().ca();
-            let certs = lab.certs().clone();
-            let f: Customize = Arc::new(move |c: &mut ringcast_agent::AgentConfig| {
-                let id = certs.device(&c.device_id);
-                c.broker.ca_file = Some(ca.clone());
-                c.broker.client_cert = Some(id.cert);
-                c.broker.client_key = Some(id.key);
-            });
-            f
-        });
+        let customize = agent_customize(self.lab.as_ref(), self.protocol);
         let spec = FleetSpec {
             fleet: FLEET.into(),
             device_class: CLASS.into(),
@@ -632,26 +697,66 @@ impl Stage {
             .count()
     }
 
+    /// The Mosquitto process of a Mosquitto stage (either kind).
+    pub fn mosquitto(&self) -> Option<&crate::mosquitto::Mosquitto> {
+        self.lab
+            .as_ref()
+            .map(|l| l.broker())
+            .or(self.plain.as_ref())
+    }
+
+    fn mosquitto_mut(&mut self) -> Option<&mut crate::mosquitto::Mosquitto> {
+        match (&mut self.lab, &mut self.plain) {
+            (Some(l), _) => Some(l.broker_mut()),
+            (None, Some(p)) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Cut the network between every client and the broker (embedded: the proxy drops and
     /// refuses connections; Mosquitto: the broker is stopped).
     pub fn cut_network(&mut self) {
-        match (&self.proxy, &mut self.lab) {
-            (Some(p), _) => p.cut(),
-            (None, Some(lab)) => lab.broker_mut().stop(),
-            _ => {}
+        if let Some(p) = &self.proxy {
+            p.cut();
+        } else if let Some(m) = self.mosquitto_mut() {
+            m.stop();
         }
     }
 
     /// Bring the network back (Mosquitto: start the broker again, same port, same data).
     pub fn restore_network(&mut self) {
-        match (&self.proxy, &mut self.lab) {
-            (Some(p), _) => p.restore(),
-            (None, Some(lab)) => lab
-                .broker_mut()
-                .restart()
-                .unwrap_or_else(|e| panic!("mosquitto restart failed: {e}")),
-            _ => {}
+        if let Some(p) = &self.proxy {
+            p.restore();
+        } else if let Some(m) = self.mosquitto_mut() {
+            m.restart()
+                .unwrap_or_else(|e| panic!("mosquitto restart failed: {e}"));
         }
+    }
+
+    /// Mosquitto: restart gracefully, so its persistence file holds the retained messages of
+    /// this moment (what a later [`Stage::crash_broker`] comes back to).
+    pub fn save_broker(&mut self) {
+        let m = self.mosquitto_mut().expect("a Mosquitto stage");
+        m.restart()
+            .unwrap_or_else(|e| panic!("mosquitto restart failed: {e}"));
+    }
+
+    /// Plain Mosquitto: restart gracefully (retained messages saved and reloaded) with other
+    /// overrides of the shipped directives.
+    pub fn reconfigure_broker(&mut self, overrides: &[(&str, &str)]) {
+        let m = self.plain.as_mut().expect("a MosquittoPlain stage");
+        m.set_overrides(overrides);
+        m.restart()
+            .unwrap_or_else(|e| panic!("mosquitto restart failed: {e}"));
+    }
+
+    /// Mosquitto: SIGKILL, then start again from its last persistence file, which holds the
+    /// retained messages as they were at the last save (ACCEPTANCE 25).
+    pub fn crash_broker(&mut self) {
+        let m = self.mosquitto_mut().expect("a Mosquitto stage");
+        m.kill();
+        m.restart()
+            .unwrap_or_else(|e| panic!("mosquitto restart failed: {e}"));
     }
 
     /// Restart the broker: Mosquitto for real (SIGTERM, start again on the same data);
@@ -706,7 +811,10 @@ impl Stage {
             if let Ok(d) = c.shared().devices.read() {
                 let mut v: Vec<_> = d.values().collect();
                 v.sort_by(|a, b| a.id.cmp(&b.id));
-                for d in v {
+                if v.len() > 40 {
+                    s.push_str(&format!("({} devices known; the first 40:)\n", v.len()));
+                }
+                for d in v.into_iter().take(40) {
                     if let Some(r) = &d.report {
                         s.push_str(&format!(
                             "seen {} {} cur={:?} tgt={:?}\n",
@@ -719,8 +827,8 @@ impl Stage {
                 }
             }
         }
-        if let Some(lab) = &self.lab {
-            let log = lab.broker().log();
+        if let Some(m) = self.mosquitto() {
+            let log = m.log();
             let tail: Vec<&str> = log.lines().rev().take(20).collect();
             s.push_str("--- mosquitto log (last 20 lines) ---\n");
             for l in tail.into_iter().rev() {

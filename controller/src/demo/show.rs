@@ -406,7 +406,12 @@ async fn setup(opts: &Options, screen: &mut Screen) -> Result<World> {
         fail_rate: 0.0,
         store: StoreKind::Sled,
         clock: Arc::new(SystemClock),
-        customize: None,
+        // The embedded broker speaks MQTT 3.1.1; no MQTT 5 attempt first.
+        customize: Some(std::sync::Arc::new(
+            |c: &mut ringcast_agent::AgentConfig| {
+                c.broker.protocol = ringcast_io::mqtt::Protocol::V311;
+            },
+        )),
     };
     let fleet = Fleet::start(spec).await?;
     let operator = Client::new(&controller.http_url(), Some(op_token));

@@ -384,7 +384,7 @@ pub async fn acceptance_20_reports_attributed_only_to_topic_device(kind: BrokerK
                 "the intruder's own-topic report is kept under the intruder"
             );
         }
-        BrokerKind::Embedded => {
+        BrokerKind::Embedded | BrokerKind::MosquittoPlain => {
             // No ACL here: the topic is the only identity the controller has, so the report
             // on the intruder's topic is the intruder's, whatever its payload claims.
             stage
