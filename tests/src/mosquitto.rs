@@ -574,6 +574,7 @@ mod tests {
                     "pid_file",
                     "log_dest",
                     "max_queued_messages",
+                    "sys_interval",
                 ]
                 .contains(&k)
         }) {

@@ -281,6 +281,37 @@ async fn controller_reads_and_writes_every_topic() {
     }
 }
 
+/// The controller re-reads the fleet when the broker's drop counter grows, so the shipped ACL
+/// lets it (and only it) read that one `$SYS` topic; Mosquitto publishes it retained.
+#[tokio::test]
+async fn only_the_controller_reads_the_brokers_drop_counter() {
+    let Some(lab) = Lab::start() else { return };
+    const DROPPED: &str = "$SYS/broker/publish/messages/dropped";
+    let mut a = lab.device(DEV_A).await;
+    a.subscribe_ok(DROPPED, WAIT).await.unwrap();
+    let mut ctl = lab.controller().await;
+    ctl.subscribe_ok(DROPPED, WAIT).await.unwrap();
+    let p = ctl.expect_publish(DROPPED, WAIT).await.unwrap();
+    assert!(
+        std::str::from_utf8(&p.payload)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .is_some(),
+        "the drop counter is a number: {:?}",
+        p.payload
+    );
+    // Control first: the device still receives what it may read.
+    ctl.publish(&lab.topics.trust(), "control", false, WAIT)
+        .await
+        .unwrap();
+    a.subscribe_ok(&lab.topics.trust(), WAIT).await.unwrap();
+    ctl.publish(&lab.topics.trust(), "control", false, WAIT)
+        .await
+        .unwrap();
+    a.expect_publish(&lab.topics.trust(), WAIT).await.unwrap();
+    a.expect_nothing(|t| t == DROPPED, SILENCE).await.unwrap();
+}
+
 #[tokio::test]
 async fn observer_reads_every_topic_and_publishes_nothing() {
     let Some(lab) = Lab::start() else { return };
