@@ -13,6 +13,7 @@
 //! - [`sim`]: the fleet simulator's options (`ringcast-sim`), ring splits, memory readings.
 //! - [`sim_stage`]: [`sim_stage::Stage`], a whole Ringcast world for a scenario: controller,
 //!   broker (embedded, or Mosquitto over mutual TLS), a fleet of real agents, a fake clock.
+//! - [`synthetic`]: devices that are only the retained reports a test publishes for them.
 //! - [`error`]: [`HarnessError`] with stable reason codes.
 //!
 //! `tests/tests/mosquitto_acl.rs` shows the pattern.
@@ -24,6 +25,7 @@ pub mod mosquitto;
 pub mod mqtt;
 pub mod sim;
 pub mod sim_stage;
+pub mod synthetic;
 
 pub use error::{HarnessError, Result};
 
@@ -60,4 +62,17 @@ pub fn free_port() -> Result<u16> {
 /// instead of skipping, because CI installs them.
 pub fn is_ci() -> bool {
     std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+/// Route the tracing output of the in-process controller and agents to the test harness's
+/// captured output, so a failing test shows their warnings (`RUST_LOG` widens it). Safe to
+/// call from every test.
+pub fn test_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
+        )
+        .with_test_writer()
+        .try_init();
 }

@@ -177,13 +177,7 @@ async fn a_broker_restored_from_an_older_save_never_sends_a_device_back_in_time(
 /// save would) is replaced by the device's current state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_publishes_its_state_again_on_every_reconnect() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
-        )
-        .with_test_writer()
-        .try_init();
+    ringcast_tests::test_logs();
     let rings = vec![ring("canary", &[100.0], "1m", 1, 0.0)];
     let Some(mut stage) = Stage::start(StageSpec::new(BrokerKind::Embedded, rings, &[1])).await
     else {
@@ -193,12 +187,7 @@ async fn an_agent_publishes_its_state_again_on_every_reconnect() {
     let id = "canary-000";
     let current = stage.controller_view(id).expect("reported");
     let topics = Topics::for_fleet(FLEET).expect("fleet name");
-    let port: u16 = stage
-        .broker_url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let port = ringcast_tests::synthetic::port_of(stage.broker_url()).expect("port");
     let mut client = ringcast_tests::mqtt::TestClient::connect(
         ringcast_tests::mqtt::plain_options("rewriter", "127.0.0.1", port),
         Duration::from_secs(10),

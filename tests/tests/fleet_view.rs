@@ -7,88 +7,26 @@
 
 use ringcast_controller::demo::fleet::device_id;
 use ringcast_io::mqtt::Protocol;
-use ringcast_proto::{Phase, ReleaseRef, StateReport, Topics};
+use ringcast_proto::{Phase, StateReport, Topics};
 use ringcast_tests::mqtt::publish_all;
-use ringcast_tests::sim_stage::{ring, BrokerKind, Stage, StageSpec, CLASS, FLEET};
+use ringcast_tests::sim_stage::{ring, BrokerKind, Stage, StageSpec, FLEET};
+use ringcast_tests::synthetic::{self, at_seq};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const N: usize = 20_000;
 
 fn report(device: &str, seq: u64, phase: Phase) -> Vec<u8> {
-    StateReport {
-        device: device.into(),
-        seq,
-        ring: "broad".into(),
-        device_class: CLASS.into(),
-        agent_version: "synthetic".into(),
-        current: Some(ReleaseRef {
-            name: "app".into(),
-            version: format!("1.{seq}.0"),
-            sequence: seq,
-        }),
-        previous: None,
-        target: None,
-        phase,
-        rollout_id: Some(format!("app-{seq}")),
-        last_error: None,
-        windows: vec![],
-        timezone: "UTC".into(),
-        updated_at: ringcast_proto::jiff::Timestamp::now(),
-    }
-    .to_bytes()
+    synthetic::report(device, seq, phase).to_bytes()
 }
 
 /// Every synthetic device's state report at `seq`, plus (with `online`) its retained flag.
 fn fleet_reports(seq: u64, online: bool) -> Vec<(String, Vec<u8>)> {
-    reports_of(N, seq, online)
-}
-
-/// [`fleet_reports`] for the first `n` devices.
-fn reports_of(n: usize, seq: u64, online: bool) -> Vec<(String, Vec<u8>)> {
-    let topics = Topics::for_fleet(FLEET).expect("fleet name");
-    let mut out = Vec::with_capacity(n * 2);
-    for i in 0..n {
-        let d = device_id("broad", i);
-        out.push((topics.state(&d), report(&d, seq, Phase::Committed)));
-        if online {
-            out.push((topics.online(&d), b"true".to_vec()));
-        }
-    }
-    out
-}
-
-/// Log what the controller says when a test fails (`RUST_LOG` widens it).
-fn logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
-        )
-        .with_test_writer()
-        .try_init();
+    synthetic::reports(N, seq, online)
 }
 
 fn port_of(url: &str) -> u16 {
-    url.rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("broker url has a port")
-}
-
-/// How many devices the controller holds at report sequence `seq`.
-fn at_seq(stage: &Stage, seq: u64) -> usize {
-    stage
-        .controller()
-        .shared()
-        .devices
-        .read()
-        .map(|d| {
-            d.values()
-                .filter(|r| r.report.as_ref().is_some_and(|r| r.seq == seq))
-                .count()
-        })
-        .unwrap_or(0)
+    synthetic::port_of(url).expect("broker url has a port")
 }
 
 async fn publish(stage: &Stage, id: &str, msgs: Vec<(String, Vec<u8>)>) {
@@ -105,31 +43,18 @@ async fn publish(stage: &Stage, id: &str, msgs: Vec<(String, Vec<u8>)>) {
 
 /// Publish `msgs` from `parallel` clients at once (a burst no single connection can make).
 async fn burst(stage: &Stage, msgs: Vec<(String, Vec<u8>)>, parallel: usize) {
-    let port = port_of(stage.broker_url());
-    let per = msgs.len().div_ceil(parallel);
-    let mut tasks = Vec::new();
-    for (k, chunk) in msgs.chunks(per).enumerate() {
-        let chunk = chunk.to_vec();
-        tasks.push(tokio::spawn(async move {
-            publish_all(
-                &format!("burst-{k}"),
-                port,
-                chunk,
-                true,
-                Duration::from_secs(120),
-            )
-            .await
-        }));
-    }
-    for t in tasks {
-        t.await
-            .expect("publisher task")
-            .unwrap_or_else(|e| panic!("burst publisher failed: {e}"));
-    }
+    synthetic::burst(
+        port_of(stage.broker_url()),
+        msgs,
+        parallel,
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("burst publisher failed: {e}"));
 }
 
 async fn stage(kind: BrokerKind, protocol: Protocol, overrides: &[(&str, &str)]) -> Option<Stage> {
-    logs();
+    ringcast_tests::test_logs();
     let mut spec = StageSpec::new(kind, vec![ring("broad", &[100.0], "1h", 1, 0.2)], &[0]);
     spec.protocol = protocol;
     spec.mosquitto_overrides = overrides
@@ -218,19 +143,19 @@ async fn a_broker_that_truncates_the_reread_is_read_page_by_page() {
         &[0],
     );
     spec.embedded_retained_limit = LIMIT;
-    logs();
+    ringcast_tests::test_logs();
     let Some(mut stage) = Stage::start(spec).await else {
         return;
     };
     // Live reports are not truncated: the controller learns every device.
-    publish(&stage, "seed", reports_of(SMALL, 1, true)).await;
+    publish(&stage, "seed", synthetic::reports(SMALL, 1, true)).await;
     stage
         .wait_until("every synthetic device known", 60, |s| {
             at_seq(s, 1) == SMALL
         })
         .await;
     stage.stop_controller().await;
-    publish(&stage, "while-down", reports_of(SMALL, 2, false)).await;
+    publish(&stage, "while-down", synthetic::reports(SMALL, 2, false)).await;
     let t0 = Instant::now();
     stage.start_controller().await;
     stage
@@ -252,7 +177,7 @@ async fn a_broker_that_truncates_the_reread_is_read_page_by_page() {
 }
 
 /// A live burst the broker drops because the controller stalled (here: its device table held
-/// for three seconds, as a slow disk would) with the per-client queue the shipped config used
+/// until the whole burst is on the broker, as a slow disk would) with the per-client queue the shipped config used
 /// to have (1,000, and a 3.1.1 session, whose in-flight window is the broker's 20): the
 /// controller sees `$SYS/broker/publish/messages/dropped` grow and reads every report again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,10 +221,12 @@ async fn a_burst_the_broker_dropped_while_the_controller_stalled_is_read_again()
     // The controller stalls while the whole fleet reports at once.
     let devices = stage.controller().shared().devices.clone();
     let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
     let stall = tokio::task::spawn_blocking(move || {
         let guard = devices.write().unwrap_or_else(|p| p.into_inner());
         let _ = held_tx.send(());
-        std::thread::sleep(Duration::from_secs(3));
+        // Until the whole burst is on the broker (bounded, should the test fail first).
+        let _ = release_rx.recv_timeout(Duration::from_secs(120));
         drop(guard);
     });
     held_rx.await.expect("the device table is held");
@@ -317,6 +244,9 @@ async fn a_burst_the_broker_dropped_while_the_controller_stalled_is_read_again()
         })
         .collect();
     burst(&stage, fat, 4).await;
+    // Mosquitto acknowledges a publish once it has queued it for every subscriber: the
+    // whole burst now waits for (or was dropped by) the stalled controller.
+    let _ = release_tx.send(());
     stall.await.expect("stall task");
 
     stage

@@ -16,13 +16,6 @@ use std::time::Duration;
 
 const DEVICE: &str = "canary-000";
 
-fn port_of(url: &str) -> u16 {
-    url.rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("broker url has a port")
-}
-
 /// `too_large` rejections the agent reported (from the controller's event history).
 fn too_large_rejections(stage: &Stage) -> usize {
     stage
@@ -74,7 +67,7 @@ async fn oversized_messages_make_nobody_deaf(protocol: Protocol) {
     ];
     publish_all(
         "big-publisher",
-        port_of(stage.broker_url()),
+        ringcast_tests::synthetic::port_of(stage.broker_url()).expect("port"),
         targets.iter().map(|t| (t.clone(), big.clone())).collect(),
         true,
         Duration::from_secs(60),

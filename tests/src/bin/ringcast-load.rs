@@ -16,10 +16,10 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use ringcast_controller::demo::fleet::device_id;
-use ringcast_proto::{Phase, ReleaseRef, StateReport, Topics};
-use ringcast_tests::mqtt::{client_with_nodelay, plain_options, publish_all};
-use ringcast_tests::sim_stage::{ring, BrokerKind, Stage, StageSpec, CLASS, FLEET};
+use ringcast_proto::Topics;
+use ringcast_tests::mqtt::{client_with_nodelay, plain_options};
+use ringcast_tests::sim_stage::{ring, BrokerKind, Stage, StageSpec, FLEET};
+use ringcast_tests::synthetic::{self, at_seq};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -56,57 +56,6 @@ enum Broker {
     Mosquitto,
 }
 
-fn report(device: &str, seq: u64) -> Vec<u8> {
-    StateReport {
-        device: device.into(),
-        seq,
-        ring: "broad".into(),
-        device_class: CLASS.into(),
-        agent_version: "synthetic".into(),
-        current: Some(ReleaseRef {
-            name: "app".into(),
-            version: format!("1.{seq}.0"),
-            sequence: seq,
-        }),
-        previous: None,
-        target: None,
-        phase: Phase::Committed,
-        rollout_id: Some(format!("app-{seq}")),
-        last_error: None,
-        windows: vec![],
-        timezone: "UTC".into(),
-        updated_at: ringcast_proto::jiff::Timestamp::now(),
-    }
-    .to_bytes()
-}
-
-fn reports(n: usize, seq: u64, online: bool) -> Vec<(String, Vec<u8>)> {
-    let topics = Topics::for_fleet(FLEET).expect("fleet name");
-    let mut out = Vec::with_capacity(n * 2);
-    for i in 0..n {
-        let d = device_id("broad", i);
-        out.push((topics.state(&d), report(&d, seq)));
-        if online {
-            out.push((topics.online(&d), b"true".to_vec()));
-        }
-    }
-    out
-}
-
-fn at_seq(stage: &Stage, seq: u64) -> usize {
-    stage
-        .controller()
-        .shared()
-        .devices
-        .read()
-        .map(|d| {
-            d.values()
-                .filter(|r| r.report.as_ref().is_some_and(|r| r.seq == seq))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 async fn until(stage: &Stage, seq: u64, n: usize, timeout: Duration) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
     while at_seq(stage, seq) < n {
@@ -121,33 +70,9 @@ async fn until(stage: &Stage, seq: u64, n: usize, timeout: Duration) -> anyhow::
     Ok(t0.elapsed())
 }
 
-fn port_of(url: &str) -> anyhow::Result<u16> {
-    url.rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no port in {url}"))
-}
-
-/// Publish from `parallel` connections at once; returns when the broker acked everything.
-async fn burst(port: u16, msgs: Vec<(String, Vec<u8>)>, parallel: usize) -> anyhow::Result<()> {
-    let per = msgs.len().div_ceil(parallel);
-    let mut tasks = Vec::new();
-    for (k, chunk) in msgs.chunks(per).enumerate() {
-        let chunk = chunk.to_vec();
-        tasks.push(tokio::spawn(async move {
-            publish_all(
-                &format!("load-{k}"),
-                port,
-                chunk,
-                true,
-                Duration::from_secs(600),
-            )
-            .await
-        }));
-    }
-    for t in tasks {
-        t.await.context("publisher task")??;
-    }
+/// Publish from four connections at once; returns when the broker acked everything.
+async fn burst(port: u16, msgs: Vec<(String, Vec<u8>)>) -> anyhow::Result<()> {
+    synthetic::burst(port, msgs, 4, Duration::from_secs(600)).await?;
     Ok(())
 }
 
@@ -209,7 +134,7 @@ async fn fleet_view(n: usize, broker: Broker, timeout: Duration) -> anyhow::Resu
     let Some(mut stage) = Stage::start(spec).await else {
         bail!("mosquitto not found (apt-get install mosquitto)");
     };
-    let port = port_of(stage.broker_url())?;
+    let port = synthetic::port_of(stage.broker_url())?;
     println!(
         "ringcast-load fleet-view: {n} devices, broker {broker:?} ({}), load average {}",
         stage.broker_url(),
@@ -222,7 +147,7 @@ async fn fleet_view(n: usize, broker: Broker, timeout: Duration) -> anyhow::Resu
     );
 
     let t = Instant::now();
-    burst(port, reports(n, 1, true), 4).await?;
+    burst(port, synthetic::reports(n, 1, true)).await?;
     until(&stage, 1, n, timeout).await?;
     println!(
         "  seed, read live       {:>8.2} s  ({n} state + {n} online flags published and ingested)",
@@ -230,7 +155,7 @@ async fn fleet_view(n: usize, broker: Broker, timeout: Duration) -> anyhow::Resu
     );
 
     stage.stop_controller().await;
-    burst(port, reports(n, 2, false), 4).await?;
+    burst(port, synthetic::reports(n, 2, false)).await?;
     let t = Instant::now();
     stage.start_controller().await;
     until(&stage, 2, n, timeout).await?;
@@ -247,7 +172,7 @@ async fn fleet_view(n: usize, broker: Broker, timeout: Duration) -> anyhow::Resu
 
     let floor = floor_subscriber(port, n).await?;
     let t = Instant::now();
-    burst(port, reports(n, 3, false), 4).await?;
+    burst(port, synthetic::reports(n, 3, false)).await?;
     let published = t.elapsed();
     until(&stage, 3, n, timeout).await?;
     let ctl = t.elapsed();
