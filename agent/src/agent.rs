@@ -22,7 +22,8 @@ use jiff::{SignedDuration, Timestamp};
 use ringcast_proto::digest::sha256_hex as digest_hex;
 use ringcast_proto::report::ErrorInfo;
 use ringcast_proto::{
-    accept_directive, in_ramp, Action, AgentView, Clock, DeviceIdentity, Envelope, Event,
+    check_release, in_ramp, verify_directive, Accepted, Action, AgentView, Clock, DeviceIdentity,
+    Envelope, Event,
     EventKind, Phase, ReleaseRef, Rotation, Schedule, Source, StateReport, SystemClock, Topic,
     Topics, TrustRoot,
 };
@@ -690,8 +691,8 @@ impl Agent {
             trusted_now: self.trusted_now(),
             skew: self.cfg.clock_skew.signed(),
         };
-        let acc = match accept_directive(&me, &view, source, payload) {
-            Ok(a) => a,
+        let verified = match verify_directive(&me, &view, source, payload) {
+            Ok(v) => v,
             Err(rej) => {
                 tracing::warn!(?source, reason = rej.reason.code(), detail = %rej.detail, "directive rejected");
                 self.event(
@@ -705,11 +706,21 @@ impl Agent {
                 return Ok(());
             }
         };
+        let acc = match check_release(&me, &view, &verified) {
+            Ok(release) => Accepted {
+                directive: verified.directive,
+                release,
+                trusted_now: verified.trusted_now,
+            },
+            Err(rej) => return self.refuse(source, verified, rej),
+        };
         let d = acc.directive;
         let span = tracing::info_span!("directive", rollout_id = %d.rollout_id, ?source);
         // Entered only for the synchronous part; the await below is instrumented instead.
         let entered = span.enter();
         self.st.trusted_now = self.st.trusted_now.max(acc.trusted_now);
+        // A directive the device takes ends the refusal it reported before.
+        let refusal_ended = self.st.refused.take().is_some();
         let kept = Kept {
             directive: d.clone(),
             release: acc.release.clone(),
@@ -746,13 +757,50 @@ impl Agent {
                 }
             }
         }
-        self.save()?;
+        if refusal_ended {
+            self.publish_state()?;
+        } else {
+            self.save()?;
+        }
         let rel = acc.release.as_ref().map(release_ref);
         self.event(Some(d.rollout_id.clone()), rel, EventKind::Accepted);
         drop(entered);
         self.evaluate(Some(&d.rollout_id))
             .instrument(span.clone())
             .await
+    }
+
+    /// A directive the controller signed for this device whose release the device cannot
+    /// take (`rollback_floor`, `incompatible`, an expired or badly signed release): like any
+    /// rejection it changes nothing the device does (not even the sequence or trusted time),
+    /// but the refusal becomes part of its reported state, so the controller counts the
+    /// device as `refused` for that rollout instead of waiting for it.
+    fn refuse(
+        &mut self,
+        source: Source,
+        v: ringcast_proto::Verified,
+        rej: ringcast_proto::Rejection,
+    ) -> Result<()> {
+        let d = v.directive;
+        tracing::warn!(?source, rollout_id = %d.rollout_id, reason = rej.reason.code(), detail = %rej.detail, "directive refused");
+        self.event(
+            Some(d.rollout_id.clone()),
+            None,
+            EventKind::Rejected {
+                reason: rej.reason,
+                detail: rej.detail.clone(),
+            },
+        );
+        let refusal = ringcast_proto::Refusal {
+            rollout_id: d.rollout_id,
+            reason: rej.reason,
+            detail: rej.detail,
+        };
+        if self.st.refused.as_ref() == Some(&refusal) {
+            return self.save();
+        }
+        self.st.refused = Some(refusal);
+        self.publish_state()
     }
 
     /// Decide what the kept directives ask of this device now ([`plan`]) and do it. `cause`
@@ -1467,6 +1515,7 @@ fn build_report(cfg: &AgentConfig, st: &Persisted, now: Timestamp) -> StateRepor
             .map(|j| j.rollout_id.clone())
             .or_else(|| st.rollout_id.clone()),
         last_error: st.last_error.clone(),
+        refused: st.refused.clone(),
         windows: cfg.windows.clone(),
         timezone: cfg.timezone.clone(),
         updated_at: now,

@@ -397,6 +397,9 @@ pub struct Persisted {
     /// Sequence of the last state report queued (see `StateReport::seq`).
     #[serde(default)]
     pub report_seq: u64,
+    /// The rollout whose directive this device refused last (until a directive is accepted).
+    #[serde(default)]
+    pub refused: Option<ringcast_proto::Refusal>,
 }
 
 /// SHA-256 of the last accepted directive envelope per topic: the retained copy seen again on
@@ -431,6 +434,7 @@ impl Persisted {
             boot: 0,
             digests: Digests::default(),
             report_seq: 0,
+            refused: None,
         }
     }
 

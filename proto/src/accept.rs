@@ -77,15 +77,47 @@ pub fn verify_release(
     Ok(release)
 }
 
+/// A directive that passed the directive half of [`accept_directive`]: signed by the
+/// controller, for this device, fresh and not a replay. Its `rollout_id` can be trusted as
+/// much as the controller key; whether the device can take its release is
+/// [`check_release`]'s question.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    /// The verified directive.
+    pub directive: Directive,
+    /// The trusted time after this directive: persist it.
+    pub trusted_now: Timestamp,
+}
+
 /// Decide on a directive. Checks, in order: size and shape; controller signatures at
 /// threshold; fleet and ring (or device) match; expiry; sequence above the last accepted; then
 /// for `install`: release signatures at threshold, release expiry, device class, rollback floor.
+/// The two halves are [`verify_directive`] and [`check_release`]: a directive that fails the
+/// second was still the controller's word, and the device *refuses* that rollout (it reports
+/// the refusal in its state, so the controller counts it as `refused`).
 pub fn accept_directive(
     me: &DeviceIdentity<'_>,
     view: &AgentView<'_>,
     source: Source,
     bytes: &[u8],
 ) -> Result<Accepted> {
+    let v = verify_directive(me, view, source, bytes)?;
+    let release = check_release(me, view, &v)?;
+    Ok(Accepted {
+        directive: v.directive,
+        release,
+        trusted_now: v.trusted_now,
+    })
+}
+
+/// The directive half of [`accept_directive`]: size and shape, controller signatures, fleet
+/// and target, freshness, replay.
+pub fn verify_directive(
+    me: &DeviceIdentity<'_>,
+    view: &AgentView<'_>,
+    source: Source,
+    bytes: &[u8],
+) -> Result<Verified> {
     let env = Envelope::from_slice(bytes)?;
     let trust = view.trust;
     let payload = env
@@ -142,6 +174,20 @@ pub fn accept_directive(
         }
     }
 
+    Ok(Verified {
+        directive: d,
+        trusted_now: now,
+    })
+}
+
+/// The release half of [`accept_directive`] for a [`Verified`] directive: for `install`, the
+/// release's signatures and expiry, the device class and the rollback floor.
+pub fn check_release(
+    me: &DeviceIdentity<'_>,
+    view: &AgentView<'_>,
+    v: &Verified,
+) -> Result<Option<Release>> {
+    let (d, now, trust) = (&v.directive, v.trusted_now, view.trust);
     let release = match (d.action, &d.release) {
         (Action::Install, Some(renv)) => {
             let r = verify_release(trust, renv, now, view.skew)?;
@@ -170,12 +216,7 @@ pub fn accept_directive(
         }
         (Action::Hold, _) => None,
     };
-
-    Ok(Accepted {
-        directive: d,
-        release,
-        trusted_now: now,
-    })
+    Ok(release)
 }
 
 #[cfg(test)]

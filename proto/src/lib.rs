@@ -32,7 +32,10 @@ pub mod topic;
 pub mod trust;
 pub mod window;
 
-pub use accept::{accept_directive, verify_release, Accepted, AgentView, DeviceIdentity, Source};
+pub use accept::{
+    accept_directive, check_release, verify_directive, verify_release, Accepted, AgentView,
+    DeviceIdentity, Source, Verified,
+};
 pub use clock::{Clock, FakeClock, SystemClock};
 pub use digest::ArtifactVerifier;
 pub use directive::{Action, Activation, Directive};
@@ -42,7 +45,7 @@ pub use error::{Reason, Rejection};
 pub use keys::{KeyId, PublicKey, SecretKey};
 pub use ramp::{bucket, in_ramp, Percent};
 pub use release::Release;
-pub use report::{Event, EventKind, Order, Phase, ReleaseRef, StateReport};
+pub use report::{Event, EventKind, Order, Phase, Refusal, ReleaseRef, StateReport};
 pub use topic::{Topic, Topics};
 pub use trust::{Role, Rotation, TrustRoot};
 pub use window::{Schedule, Window};

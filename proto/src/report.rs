@@ -106,6 +106,11 @@ pub struct StateReport {
     pub rollout_id: Option<String>,
     /// Last error.
     pub last_error: Option<ErrorInfo>,
+    /// The rollout whose directive this device refused, and why (`rollback_floor`,
+    /// `incompatible`, …): a verified directive whose release the device cannot take. The
+    /// controller counts the device as `refused` for that rollout, never as pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refusal>,
     /// The device's own delivery windows.
     #[serde(default)]
     pub windows: Vec<Window>,
@@ -124,6 +129,17 @@ pub enum Order {
     Same,
     /// Earlier than the kept one: ignored.
     Stale,
+}
+
+/// A rollout a device refused (see [`StateReport::refused`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The rollout of the refused directive.
+    pub rollout_id: String,
+    /// Why.
+    pub reason: Reason,
+    /// Detail.
+    pub detail: String,
 }
 
 /// A QoS 1 event on `…/devices/{device}/events`.
@@ -350,6 +366,7 @@ mod tests {
             phase,
             rollout_id: None,
             last_error: None,
+            refused: None,
             windows: vec![],
             timezone: "UTC".into(),
             updated_at: "2026-11-23T00:00:00Z".parse().unwrap(),
