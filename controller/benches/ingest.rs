@@ -35,6 +35,7 @@ fn reports(topics: &Topics, round: u64) -> Vec<(String, Vec<u8>)> {
                 phase: [Phase::Downloading, Phase::Probation, Phase::Committed][i % 3],
                 rollout_id: Some(format!("app-{}", 2 + round)),
                 last_error: None,
+                refused: None,
                 windows: vec![],
                 timezone: "Europe/Berlin".into(),
                 updated_at: testkit::now(),

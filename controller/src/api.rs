@@ -331,7 +331,10 @@ fn rollout_view(app: &App, r: &Rollout) -> RolloutView {
         .map(|x| x.release.version.to_string())
         .unwrap_or_default();
     let cur = match &r.state {
-        RolloutState::Active { ring, step, stage } => Some((*ring, *step, stage.clone())),
+        RolloutState::Active { ring, step, stage } => shared
+            .policy
+            .ring_index(ring)
+            .map(|i| (i, *step, stage.clone())),
         _ => None,
     };
     let rings = shared

@@ -158,37 +158,79 @@ impl AuditLog {
 
     /// Append one entry atomically with the new head; returns its seq.
     pub fn append(&self, at: Timestamp, r: Record) -> Result<u64> {
+        self.commit(at, std::slice::from_ref(&r), &[], |_| Ok(()))
+    }
+
+    /// Append `records`, in order, and apply `write` to `trees` (of the same database), all
+    /// in ONE sled transaction: either every entry, the new head and every write are stored,
+    /// or none is. Returns the new head's seq. The caller flushes to make it durable.
+    pub fn commit<F>(
+        &self,
+        at: Timestamp,
+        records: &[Record],
+        trees: &[&sled::Tree],
+        write: F,
+    ) -> Result<u64>
+    where
+        F: Fn(&[sled::transaction::TransactionalTree]) -> sled::transaction::ConflictableTransactionResult<(), Error>,
+    {
         let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = AuditEntry {
-            seq: head.0 + 1,
-            at,
-            actor: r.actor,
-            role: r.role,
-            action: r.action,
-            outcome: r.outcome,
-            rollout_id: r.rollout_id,
-            ring: r.ring,
-            detail: r.detail,
-            prev: head.1.clone(),
-        };
-        let body = serde_json::to_vec(&entry).map_err(|e| Error::corrupt("audit entry", e))?;
-        let hash = ringcast_proto::digest::sha256_hex(&body);
-        let mut value = hash.clone().into_bytes();
-        value.extend_from_slice(&body);
+        let (mut seq, mut prev) = (head.0, head.1.clone());
+        let mut entries = Vec::with_capacity(records.len());
+        for r in records {
+            seq += 1;
+            let entry = AuditEntry {
+                seq,
+                at,
+                actor: r.actor.clone(),
+                role: r.role.clone(),
+                action: r.action.clone(),
+                outcome: r.outcome.clone(),
+                rollout_id: r.rollout_id.clone(),
+                ring: r.ring.clone(),
+                detail: r.detail.clone(),
+                prev: prev.clone(),
+            };
+            let body =
+                serde_json::to_vec(&entry).map_err(|e| Error::corrupt("audit entry", e))?;
+            let hash = ringcast_proto::digest::sha256_hex(&body);
+            let mut value = hash.clone().into_bytes();
+            value.extend_from_slice(&body);
+            entries.push((entry, value));
+            prev = hash;
+        }
         let head_bytes = serde_json::to_vec(&Head {
-            seq: entry.seq,
-            hash: hash.clone(),
+            seq,
+            hash: prev.clone(),
         })
         .map_err(|e| Error::corrupt("audit head", e))?;
-        let mut batch = sled::Batch::default();
-        batch.insert(&entry_key(entry.seq)[..], value);
-        batch.insert(HEAD_KEY, head_bytes);
-        self.tree.apply_batch(batch)?;
-        tracing::info!(seq = entry.seq, action = %entry.action, actor = %entry.actor, outcome = %entry.outcome, rollout_id = entry.rollout_id.as_deref().unwrap_or(""), "audit");
-        *head = (entry.seq, hash);
+        let mut all: Vec<&sled::Tree> = Vec::with_capacity(trees.len() + 1);
+        all.push(&self.tree);
+        all.extend_from_slice(trees);
+        use sled::transaction::Transactional;
+        all.as_slice()
+            .transaction(|views| {
+                if !entries.is_empty() {
+                    for (e, value) in &entries {
+                        views[0].insert(&entry_key(e.seq)[..], value.as_slice())?;
+                    }
+                    views[0].insert(HEAD_KEY, head_bytes.as_slice())?;
+                }
+                write(&views[1..])
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Abort(e) => e,
+                sled::transaction::TransactionError::Storage(e) => Error::Db(e),
+            })?;
+        for (e, _) in &entries {
+            tracing::info!(seq = e.seq, action = %e.action, actor = %e.actor, outcome = %e.outcome, rollout_id = e.rollout_id.as_deref().unwrap_or(""), "audit");
+        }
+        *head = (seq, prev);
         // Sent while the head lock is held, so subscribers see seqs in order.
-        self.appended.send_replace(entry.seq);
-        Ok(entry.seq)
+        if !entries.is_empty() {
+            self.appended.send_replace(seq);
+        }
+        Ok(seq)
     }
 
     /// The raw stored log (for the API and `audit verify`). Appends wait while it is read:

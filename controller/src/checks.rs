@@ -1,35 +1,61 @@
 //! Acceptance checks a ring runs before it is promoted: a command (exit 0 within its
-//! timeout) or an HTTP GET (2xx within its timeout).
+//! timeout) or an HTTP POST (2xx within its timeout). Both learn the ring, rollout, release,
+//! attempt and the ring's device list.
 
 use crate::config::{Check, CheckKind};
 
+/// What a run of checks is about; every check gets it (commands in their environment,
+/// HTTP checks as the JSON body of a POST).
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// Ring.
+    pub ring: &'a str,
+    /// Rollout id.
+    pub rollout: &'a str,
+    /// Release id.
+    pub release: &'a str,
+    /// Which attempt (1, 2, …).
+    pub attempt: u32,
+    /// The ring's devices (by id).
+    pub devices: &'a [String],
+}
+
 /// Run checks in order; the first failure is the outcome.
-pub async fn run_all(
-    checks: &[Check],
-    ring: &str,
-    rollout: &str,
-    release: &str,
-) -> Result<(), String> {
+pub async fn run_all(checks: &[Check], cx: &Context<'_>) -> Result<(), String> {
     for c in checks {
-        run_one(c, ring, rollout, release)
+        run_one(c, cx)
             .await
             .map_err(|why| format!("check {}: {why}", c.name))?;
     }
     Ok(())
 }
 
-async fn run_one(c: &Check, ring: &str, rollout: &str, release: &str) -> Result<(), String> {
+async fn run_one(c: &Check, cx: &Context<'_>) -> Result<(), String> {
     let timeout = c.timeout.get();
     match c.kind {
         CheckKind::Command => {
             let Some((prog, args)) = c.command.split_first() else {
                 return Err("empty command".into());
             };
+            // The device list goes through a file: a big ring's would not fit the environment.
+            let mut list = tempfile::NamedTempFile::new()
+                .map_err(|e| format!("cannot write the device list: {e}"))?;
+            {
+                use std::io::Write;
+                for d in cx.devices {
+                    writeln!(list, "{d}").map_err(|e| format!("cannot write the device list: {e}"))?;
+                }
+                list.flush()
+                    .map_err(|e| format!("cannot write the device list: {e}"))?;
+            }
             let child = tokio::process::Command::new(prog)
                 .args(args)
-                .env("RINGCAST_RING", ring)
-                .env("RINGCAST_ROLLOUT", rollout)
-                .env("RINGCAST_RELEASE", release)
+                .env("RINGCAST_RING", cx.ring)
+                .env("RINGCAST_ROLLOUT", cx.rollout)
+                .env("RINGCAST_RELEASE", cx.release)
+                .env("RINGCAST_ATTEMPT", cx.attempt.to_string())
+                .env("RINGCAST_DEVICE_COUNT", cx.devices.len().to_string())
+                .env("RINGCAST_DEVICES_FILE", list.path())
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -61,17 +87,25 @@ async fn run_one(c: &Check, ring: &str, rollout: &str, release: &str) -> Result<
                 .timeout(timeout)
                 .build()
                 .map_err(|e| e.to_string())?;
+            let body = serde_json::json!({
+                "ring": cx.ring,
+                "rollout": cx.rollout,
+                "release": cx.release,
+                "attempt": cx.attempt,
+                "devices": cx.devices,
+            });
             let resp = client
-                .get(url)
-                .header("x-ringcast-ring", ring)
-                .header("x-ringcast-rollout", rollout)
+                .post(url)
+                .header("x-ringcast-ring", cx.ring)
+                .header("x-ringcast-rollout", cx.rollout)
+                .json(&body)
                 .send()
                 .await
-                .map_err(|e| format!("GET {url}: {e}"))?;
+                .map_err(|e| format!("POST {url}: {e}"))?;
             if resp.status().is_success() {
                 Ok(())
             } else {
-                Err(format!("GET {url}: HTTP {}", resp.status()))
+                Err(format!("POST {url}: HTTP {}", resp.status()))
             }
         }
     }

@@ -50,8 +50,24 @@ pub struct Policy {
     /// Clock skew allowed when verifying submitted releases.
     #[serde(default = "default_skew")]
     pub allowed_skew: Dur,
+    /// What a release submitted while another rollout of the same name is live does:
+    /// `supersede` it (the older rollout ends, the new one starts) or `queue` behind it.
+    /// Default: `supersede` when every ring promotes automatically, else `queue`.
+    #[serde(default)]
+    pub on_new_release: Option<OnNewRelease>,
     /// Rings, in promotion order.
     pub rings: Vec<RingPolicy>,
+}
+
+/// What a new release does to a live rollout of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNewRelease {
+    /// The older rollout ends (`superseded`) and the new one starts: continuous deployment,
+    /// or a hotfix overtaking a release that waits for approval.
+    Supersede,
+    /// The new rollout waits until the older one has finished.
+    Queue,
 }
 
 fn default_tick() -> Dur {
@@ -101,6 +117,20 @@ pub struct RingPolicy {
     /// Retry interval (controller clock) for failed checks.
     #[serde(default = "default_check_retry")]
     pub check_retry: Dur,
+    /// Runs of the acceptance checks before the ring's `on_failure` applies (at least 1).
+    #[serde(default = "default_check_attempts")]
+    pub check_attempts: u32,
+    /// Longest a step may wait for its gate after its directive went out; then the rollout
+    /// ends with the reason (the ring's `on_failure`). `0s` = no limit.
+    #[serde(default = "default_step_timeout")]
+    pub step_timeout: Dur,
+}
+
+fn default_check_attempts() -> u32 {
+    3
+}
+fn default_step_timeout() -> Dur {
+    Dur::secs(24 * 3600)
 }
 
 fn default_steps() -> Vec<Percent> {
@@ -637,6 +667,13 @@ impl Policy {
             if r.steps.contains(&Percent::ZERO) {
                 return Err(cfg_err(file, at("steps"), "a step of 0% delivers nothing"));
             }
+            if r.check_attempts == 0 {
+                return Err(cfg_err(
+                    file,
+                    at("check_attempts"),
+                    "at least one attempt is required",
+                ));
+            }
             let g = r.gate;
             if !(0.0..=1.0).contains(&g.max_failure_rate) || !g.max_failure_rate.is_finite() {
                 return Err(cfg_err(
@@ -684,9 +721,30 @@ impl Policy {
         Ok(t?)
     }
 
-    /// Whether every ring promotes automatically (then a new release supersedes).
+    /// Whether every ring promotes automatically.
     pub fn all_auto(&self) -> bool {
         self.rings.iter().all(|r| r.promotion == Promotion::Auto)
+    }
+
+    /// What a new release does to a live one of the same name: `on_new_release`, or by
+    /// default supersede when every ring is automatic and queue otherwise.
+    pub fn new_release_rule(&self) -> OnNewRelease {
+        self.on_new_release.unwrap_or(if self.all_auto() {
+            OnNewRelease::Supersede
+        } else {
+            OnNewRelease::Queue
+        })
+    }
+
+    /// The ring named `name`.
+    pub fn ring(&self, name: &str) -> Option<&RingPolicy> {
+        self.rings.iter().find(|r| r.name == name)
+    }
+
+    /// The ring after `name`, if there is one.
+    pub fn next_ring(&self, name: &str) -> Option<&RingPolicy> {
+        let i = self.ring_index(name)?;
+        self.rings.get(i + 1)
     }
 
     /// Index of a ring by name.

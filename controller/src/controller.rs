@@ -173,7 +173,7 @@ impl Controller {
             clock: clock.clone(),
             store: store.clone(),
             audit,
-            state: RwLock::new(state),
+            state: engine::Snapshot::new(state),
             devices: Arc::new(RwLock::new(devices)),
             wake: Arc::new(Notify::new()),
             counters: Arc::new(Counters::default()),
@@ -189,7 +189,7 @@ impl Controller {
         });
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let (eng, handle) = engine::engine(shared.clone());
+        let (eng, handle) = engine::engine(shared.clone())?;
         let (in_tx, in_rx) = mpsc::channel(8192);
         let ingestor = Ingestor::new(
             topics.clone(),

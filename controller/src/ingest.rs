@@ -296,6 +296,7 @@ mod tests {
             phase,
             rollout_id: Some("r1".into()),
             last_error: None,
+            refused: None,
             windows: vec![],
             timezone: "UTC".into(),
             updated_at: testkit::now(),

@@ -34,8 +34,11 @@ pub enum RolloutState {
     Pending,
     /// Walking the rings.
     Active {
-        /// Index of the ring in the policy.
-        ring: usize,
+        /// The ring, by name: an edited policy can remove it (the rollout then stops), never
+        /// move the rollout to another ring. (Rollouts persisted by older versions named it by
+        /// position; those load as `#{index}` and are resolved once against the policy.)
+        #[serde(deserialize_with = "ring_name_or_index")]
+        ring: String,
         /// Index of the step in the ring.
         step: usize,
         /// What it waits for.
@@ -64,6 +67,24 @@ pub enum RolloutState {
     },
 }
 
+/// A legacy ring index (`#{n}`) or a ring name.
+fn ring_name_or_index<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Ring {
+        Name(String),
+        Index(usize),
+    }
+    Ok(match Ring::deserialize(d)? {
+        Ring::Name(n) => n,
+        Ring::Index(i) => format!("{LEGACY_RING_PREFIX}{i}"),
+    })
+}
+
+/// How a rollout persisted with a ring *index* (before rings were named) names its ring until
+/// the engine resolves it against the policy at start-up. `#` is in no valid ring name.
+pub const LEGACY_RING_PREFIX: &str = "#";
+
 /// The stage within one ring step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "stage", rename_all = "snake_case")]
@@ -72,23 +93,42 @@ pub enum Stage {
     WaitingWindow,
     /// A `manual` ring not yet approved.
     WaitingApproval,
-    /// Directive published at `since`; bake clock running.
-    Baking {
+    /// The step's directive is out (since `since`); devices install, and the step waits for
+    /// its gate (enough devices of the ramp committed, failures under the limit).
+    Publishing {
         /// When the step's directive was published.
         since: Timestamp,
+    },
+    /// The gate is met (since `since`) and must hold for the ring's `bake`.
+    Baking {
+        /// When the gate was (last) met: the bake counts from here.
+        since: Timestamp,
+        /// When the step's directive was published (for `step_timeout`).
+        #[serde(default)]
+        published: Option<Timestamp>,
     },
     /// Acceptance checks running.
     Checking {
         /// When they started.
         since: Timestamp,
+        /// Which attempt this is (1, 2, …, up to the ring's `check_attempts`).
+        #[serde(default = "first_attempt")]
+        attempt: u32,
     },
-    /// Acceptance checks failed; retried after the ring's `check_retry`.
+    /// Acceptance checks failed; tried again after the ring's `check_retry`.
     ChecksFailed {
         /// When they failed.
         at: Timestamp,
         /// Which check, and why.
         detail: String,
+        /// The attempt that failed.
+        #[serde(default = "first_attempt")]
+        attempt: u32,
     },
+}
+
+fn first_attempt() -> u32 {
+    1
 }
 
 impl RolloutState {
@@ -108,6 +148,7 @@ impl RolloutState {
             RolloutState::Active { stage, .. } => match stage {
                 Stage::WaitingWindow => "waiting_window",
                 Stage::WaitingApproval => "waiting_approval",
+                Stage::Publishing { .. } => "publishing",
                 Stage::Baking { .. } => "baking",
                 Stage::Checking { .. } => "checking",
                 Stage::ChecksFailed { .. } => "checks_failed",
@@ -308,14 +349,18 @@ impl DeviceRecord {
 pub struct Tally {
     /// Devices known in the ring.
     pub devices: u32,
-    /// Known devices inside the current step's ramp.
+    /// Known devices inside the current step's ramp: the only ones counted below.
     pub in_ramp: u32,
-    /// Devices that reported for this rollout.
+    /// Devices of the ramp that reported for this rollout.
     pub reported: u32,
     /// `committed`.
     pub committed: u32,
     /// `reverting` / `reverted` / `failed` of this release.
     pub failed: u32,
+    /// Devices of the ramp that refused the rollout's directive (e.g. `rollback_floor`,
+    /// `incompatible`): never pending, never a success.
+    #[serde(default)]
+    pub refused: u32,
     /// Reported, not finished, still talking.
     pub pending: u32,
     /// Reported, not finished, silent past the timeout.

@@ -213,10 +213,8 @@ impl Conn {
 
     fn perform(&mut self, actions: Vec<Action>) {
         for a in actions {
-            match &a {
-                Action::SubscribePage(n, d) => debug!(page = n, devices = d.len(), "re-read page"),
-                Action::UnsubscribePage(_) => {}
-                other => debug!(action = ?other, "re-read"),
+            if let Action::SubscribePage(n, d) = &a {
+                debug!(page = n, devices = d.len(), "re-read page");
             }
             match a {
                 Action::SubscribeWildcards => self.resubscribe_wildcards(Tag::Wildcards),

@@ -5,7 +5,7 @@
 use crate::artifacts::ArtifactStore;
 use crate::audit::AuditLog;
 use crate::config::{Policy, TokenEntry};
-use crate::engine::EngineState;
+use crate::engine::Snapshot;
 use crate::model::DeviceRecord;
 use crate::store::Store;
 use ringcast_proto::{Clock, SecretKey, Topics, TrustRoot};
@@ -56,8 +56,8 @@ pub struct Shared {
     pub store: Store,
     /// Audit log.
     pub audit: AuditLog,
-    /// Engine state (releases, rollouts, ring directives).
-    pub state: RwLock<EngineState>,
+    /// Engine state (releases, rollouts, ring directives), as the engine last persisted it.
+    pub state: Snapshot,
     /// Devices by id.
     pub devices: Arc<RwLock<HashMap<String, DeviceRecord>>>,
     /// Wakes the engine when a report arrives.

@@ -38,6 +38,77 @@ pub fn open_sled(
     )
 }
 
+/// A tree of the engine's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateTree {
+    /// Releases by id.
+    Releases = 0,
+    /// Rollouts by id.
+    Rollouts = 1,
+    /// Standing ring directives by ring.
+    Rings = 2,
+    /// Standing device directives by device.
+    Pins = 3,
+    /// Meta values.
+    Meta = 4,
+}
+
+/// One write of the engine's state (`value: None` deletes the key), for [`Store::commit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// Which tree.
+    pub tree: StateTree,
+    /// Key.
+    pub key: Vec<u8>,
+    /// New value, or `None` to delete.
+    pub value: Option<Vec<u8>>,
+}
+
+impl Write {
+    fn put<T: Serialize>(tree: StateTree, what: &str, key: &str, v: &T) -> Result<Write> {
+        Ok(Write {
+            tree,
+            key: key.as_bytes().to_vec(),
+            value: Some(enc(what, v)?),
+        })
+    }
+
+    /// Store a release.
+    pub fn release(r: &ReleaseRecord) -> Result<Write> {
+        Write::put(StateTree::Releases, "release", &r.id, r)
+    }
+
+    /// Store a rollout.
+    pub fn rollout(r: &Rollout) -> Result<Write> {
+        Write::put(StateTree::Rollouts, "rollout", &r.id, r)
+    }
+
+    /// Store a ring's standing directive.
+    pub fn ring(r: &RingDirective) -> Result<Write> {
+        Write::put(StateTree::Rings, "ring directive", &r.ring, r)
+    }
+
+    /// Store a device's standing directive.
+    pub fn pin(p: &DevicePin) -> Result<Write> {
+        let key = p.directive.device.as_deref().unwrap_or_default();
+        Write::put(StateTree::Pins, "device pin", key, p)
+    }
+
+    /// Forget a device's standing directive.
+    pub fn pin_deleted(device: &str) -> Write {
+        Write {
+            tree: StateTree::Pins,
+            key: device.as_bytes().to_vec(),
+            value: None,
+        }
+    }
+
+    /// Store a meta value.
+    pub fn meta<T: Serialize>(key: &str, v: &T) -> Result<Write> {
+        Write::put(StateTree::Meta, "meta", key, v)
+    }
+}
+
 /// Typed access to the trees.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -198,6 +269,39 @@ impl Store {
     /// The audit log on this database.
     pub fn audit(&self) -> Result<AuditLog> {
         AuditLog::open(self.db.open_tree("audit")?)
+    }
+
+    /// Append `records` to the audit log and apply `writes`, in one atomic sled transaction
+    /// (the engine persists a decision this way before it replies or publishes anything).
+    /// Durable once [`Store::flush`] returns. Returns the audit head's seq.
+    pub fn commit(
+        &self,
+        audit: &AuditLog,
+        at: Timestamp,
+        records: &[crate::audit::Record],
+        writes: &[Write],
+    ) -> Result<u64> {
+        let trees = [
+            &self.releases,
+            &self.rollouts,
+            &self.rings,
+            &self.pins,
+            &self.meta,
+        ];
+        audit.commit(at, records, &trees, |views| {
+            for w in writes {
+                let t = &views[w.tree as usize];
+                match &w.value {
+                    Some(v) => {
+                        t.insert(w.key.as_slice(), v.as_slice())?;
+                    }
+                    None => {
+                        t.remove(w.key.as_slice())?;
+                    }
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Make everything written so far durable.

@@ -460,8 +460,8 @@ async fn restart_with_a_policy_that_lost_the_ring_stops_the_rollout_instead_of_g
     w.advance("10m");
     wait_for(10, "in broad", || {
         matches!(
-            rollout(&h, &ro.id).state,
-            ringcast_controller::model::RolloutState::Active { ring: 1, .. }
+            &rollout(&h, &ro.id).state,
+            ringcast_controller::model::RolloutState::Active { ring, .. } if ring == "broad"
         )
         .then_some(())
     })

@@ -329,6 +329,7 @@ async fn blocked_release_unknown_device_and_unknown_release_are_refused() {
         phase: Phase::Idle,
         rollout_id: None,
         last_error: None,
+        refused: None,
         windows: vec![],
         timezone: "UTC".into(),
         updated_at: testkit::now(),

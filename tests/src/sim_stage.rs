@@ -85,6 +85,8 @@ pub fn ring(
         on_failure: OnFailure::Halt,
         checks: Vec::new(),
         check_retry: Dur::secs(60),
+        check_attempts: 3,
+        step_timeout: Dur::secs(24 * 3600),
     }
 }
 
@@ -388,6 +390,7 @@ impl Stage {
                 directive_ttl: Dur::secs(3600),
                 unresponsive_after: Dur::secs(30 * 86400),
                 allowed_skew: Dur::secs(300),
+                on_new_release: None,
                 rings: spec.rings.clone(),
             },
             server: ServerConfig {

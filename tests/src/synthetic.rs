@@ -30,6 +30,7 @@ pub fn report(device: &str, seq: u64, phase: Phase) -> StateReport {
         phase,
         rollout_id: Some(format!("app-{seq}")),
         last_error: None,
+        refused: None,
         windows: vec![],
         timezone: "UTC".into(),
         updated_at: ringcast_proto::jiff::Timestamp::now(),

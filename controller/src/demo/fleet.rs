@@ -296,6 +296,7 @@ fn placeholder(cfg: &AgentConfig) -> StateReport {
         phase: ringcast_proto::Phase::Idle,
         rollout_id: None,
         last_error: None,
+        refused: None,
         windows: Vec::new(),
         timezone: cfg.timezone.clone(),
         updated_at: jiff::Timestamp::UNIX_EPOCH,

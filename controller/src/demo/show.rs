@@ -313,6 +313,8 @@ pub fn policy(sizes: &[(String, usize)], bake: Duration) -> Policy {
             on_failure: OnFailure::Halt,
             checks: Vec::new(),
             check_retry: Dur::secs(60),
+            check_attempts: 3,
+            step_timeout: Dur::secs(24 * 3600),
         })
         .collect();
     Policy {
@@ -322,6 +324,7 @@ pub fn policy(sizes: &[(String, usize)], bake: Duration) -> Policy {
         directive_ttl: Dur::secs(600),
         unresponsive_after: Dur::secs(120),
         allowed_skew: Dur::secs(300),
+        on_new_release: None,
         rings,
     }
 }

@@ -210,11 +210,15 @@ pub fn predict(
         RolloutState::Pending => (0, 0, r.start_at.unwrap_or(now).max(now), None),
         RolloutState::Active { ring, step, stage } => {
             let since = match stage {
-                Stage::Baking { since } => Some(*since),
+                Stage::Publishing { since } => Some(*since),
+                Stage::Baking { since, .. } => Some(*since),
                 Stage::Checking { .. } | Stage::ChecksFailed { .. } => Some(now),
                 _ => None,
             };
-            (*ring, *step, now, since)
+            let Some(i) = policy.ring_index(ring) else {
+                return Some(mk(None, None, "the rollout's ring is not in the policy"));
+            };
+            (i, *step, now, since)
         }
         _ => return None,
     };

@@ -57,6 +57,8 @@ pub fn ring(name: &str, steps: &[f64], bake: &str, min_reports: u32, max_rate: f
         on_failure: OnFailure::Halt,
         checks: vec![],
         check_retry: Dur::secs(60),
+        check_attempts: 3,
+        step_timeout: Dur::secs(24 * 3600),
     }
 }
 
@@ -102,6 +104,7 @@ impl World {
                 directive_ttl: Dur::secs(3600),
                 unresponsive_after: Dur::secs(7 * 86400),
                 allowed_skew: Dur::secs(300),
+                on_new_release: None,
                 rings,
             },
             server: ServerConfig {
@@ -341,6 +344,7 @@ impl Fleet {
             phase,
             rollout_id: rollout.map(str::to_owned),
             last_error,
+            refused: None,
             windows: vec![],
             timezone: "UTC".into(),
             updated_at: testkit::now(),

@@ -274,18 +274,22 @@ pub async fn acceptance_16_controller_restart_mid_bake_resumes_same_step(kind: B
         return;
     };
     let id = stage.submit(1, AppHealth::Healthy, |_| {}).await;
-    // Let canary pass and early start baking.
+    // Let canary pass and early start baking. A bake counts from its gate being met, so the
+    // clock jumps only once the controller bakes canary.
     stage
-        .wait_until("canary committed", 30, |s| {
-            s.count(Phase::Committed, 1) >= 1
+        .wait_until("canary baking", 30, |s| {
+            matches!(
+                &s.rollout(&id).state,
+                ringcast_controller::model::RolloutState::Active { ring, .. } if ring == "canary"
+            ) && s.phase(&id) == "baking"
         })
         .await;
     stage.advance("2m");
     stage
         .wait_until("early committed and baking", 30, |s| {
             matches!(
-                s.rollout(&id).state,
-                ringcast_controller::model::RolloutState::Active { ring: 1, .. }
+                &s.rollout(&id).state,
+                ringcast_controller::model::RolloutState::Active { ring, .. } if ring == "early"
             ) && s.phase(&id) == "baking"
                 && s.count(Phase::Committed, 1) >= 2
         })

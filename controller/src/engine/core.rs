@@ -1,0 +1,1571 @@
+//! The decision core: `(state, input, now) → (state, effects)`, with no I/O — no locks, no
+//! sled, no MQTT, no clock. Every rollout transition is an arm of [`Core::advance`]'s `match`
+//! on the rollout's state; an input the state does not allow is an error the caller reports.
+//!
+//! The core signs directives (pure cryptography), so what it returns is ready to publish; the
+//! actor ([`super::actor`]) persists [`Changes`] and the audit records in one atomic write and
+//! only then replies, publishes and runs checks.
+
+use super::effects::{Changes, Decided, Effect, Input, Reply};
+use super::fleet::Fleet;
+use super::gate::{gate_crossed, gate_met, gate_unreachable, needed};
+use super::halt::{halt_reason, timeout_reason, unreachable_reason};
+use super::{Actor, EngineState, RolloutAction, Submit};
+use crate::audit::Record;
+use crate::config::{OnFailure, OnNewRelease, Policy, Promotion, RingPolicy};
+use crate::error::{Error, Result};
+use crate::model::{
+    Approval, DevicePin, ReleaseRecord, RingDirective, Rollout, RolloutState, Stage, StepRecord,
+    Tally, LEGACY_RING_PREFIX,
+};
+use jiff::{SignedDuration, Timestamp};
+use ringcast_proto::{
+    directive, Action, Activation, Directive, Percent, Reason, Rejection, SecretKey, Topics,
+    TrustRoot,
+};
+use std::collections::BTreeMap;
+use tracing::{info, warn};
+
+/// What the core needs besides its state: the policy, the topic names, the controller key,
+/// and the trust root releases are verified against.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// The policy.
+    pub policy: Policy,
+    /// Topic names.
+    pub topics: Topics,
+    /// The controller role key (signs directives).
+    pub key: SecretKey,
+    /// The trust root (verifies submitted releases).
+    pub trust: TrustRoot,
+    /// Its envelope, published retained on `…/trust`.
+    pub trust_envelope: Vec<u8>,
+}
+
+/// Effects and changes gathered while deciding one input.
+#[derive(Debug, Default)]
+struct Out {
+    effects: Vec<Effect>,
+    changes: Changes,
+}
+
+impl Out {
+    fn audit(&mut self, r: Record) {
+        self.effects.push(Effect::Audit(r));
+    }
+
+    fn publish(&mut self, topic: String, payload: Vec<u8>) {
+        self.effects.push(Effect::Publish { topic, payload });
+    }
+}
+
+/// Most transitions one rollout makes in one evaluation (a step can chain a few).
+const MAX_CHAIN: usize = 16;
+
+/// The decision core.
+#[derive(Debug)]
+pub struct Core {
+    cfg: CoreConfig,
+    state: EngineState,
+}
+
+impl Core {
+    /// A core over `state` (loaded from the store, or empty).
+    pub fn new(cfg: CoreConfig, state: EngineState) -> Core {
+        Core { cfg, state }
+    }
+
+    /// The state as decided so far.
+    pub fn state(&self) -> &EngineState {
+        &self.state
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.cfg.policy
+    }
+
+    /// Decide on one input at `now`. A refused command changes nothing (its state is left
+    /// as it was) but may still be audited.
+    pub fn handle(&mut self, input: Input, now: Timestamp, fleet: &Fleet<'_>) -> Decided {
+        let mut out = Out::default();
+        let reply = match input {
+            Input::Start => {
+                self.start(now, fleet, &mut out);
+                Ok(Reply::Done)
+            }
+            Input::Tick => {
+                self.tick(now, fleet, &mut out);
+                Ok(Reply::Done)
+            }
+            Input::Reconnected => {
+                self.republish_all(now, &mut out);
+                Ok(Reply::Done)
+            }
+            Input::Submit {
+                submit,
+                actor,
+                artifact_stored,
+            } => self
+                .submit(submit, &actor, artifact_stored, now, fleet, &mut out)
+                .map(|(release, rollout, warnings)| Reply::Submitted {
+                    release,
+                    rollout,
+                    warnings,
+                }),
+            Input::Act {
+                rollout,
+                action,
+                ring,
+                actor,
+            } => self
+                .act(&rollout, action, ring, &actor, now, &mut out)
+                .map(Reply::Rollout),
+            Input::Unblock { release, actor } => {
+                self.unblock(&release, &actor, &mut out).map(Reply::Release)
+            }
+            Input::Pin {
+                device,
+                release,
+                actor,
+            } => self
+                .pin(&device, &release, &actor, now, fleet, &mut out)
+                .map(Reply::Pin),
+            Input::Unpin { device, actor } => self
+                .unpin(&device, &actor, now, fleet, &mut out)
+                .map(Reply::Pin),
+            Input::ChecksDone {
+                rollout,
+                ring,
+                attempt,
+                outcome,
+            } => self
+                .checks_done(&rollout, &ring, attempt, outcome, now, &mut out)
+                .map(|()| Reply::Done),
+        };
+        Decided {
+            effects: out.effects,
+            changes: out.changes,
+            reply,
+        }
+    }
+
+    // ----- start-up, re-signing -------------------------------------------------------------
+
+    /// Rollouts are reconciled with the policy by ring name: a rollout whose ring was removed
+    /// (or whose step no longer exists) stops with the reason; nothing moves to another ring.
+    fn start(&mut self, now: Timestamp, fleet: &Fleet<'_>, out: &mut Out) {
+        let policy = self.cfg.policy.clone();
+        let live: Vec<(String, String, usize)> = self
+            .state
+            .rollouts
+            .values()
+            .filter_map(|r| match &r.state {
+                RolloutState::Active { ring, step, .. } => {
+                    Some((r.id.clone(), ring.clone(), *step))
+                }
+                _ => None,
+            })
+            .collect();
+        for (id, ring, step) in live {
+            // Persisted by a version that named rings by position: resolve it once.
+            let name = match ring.strip_prefix(LEGACY_RING_PREFIX) {
+                Some(i) => i
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| policy.rings.get(i))
+                    .map(|r| r.name.clone()),
+                None => Some(ring.clone()),
+            };
+            let stop = match name.as_deref().and_then(|n| policy.ring(n)) {
+                None => Some(format!(
+                    "policy changed: ring {} is no longer in the policy",
+                    name.as_deref().unwrap_or(&ring)
+                )),
+                Some(rp) if step >= rp.steps.len() => Some(format!(
+                    "policy changed: ring {} has {} step(s) now; the rollout was at step {}",
+                    rp.name,
+                    rp.steps.len(),
+                    step + 1
+                )),
+                Some(_) => None,
+            };
+            match (stop, name) {
+                (Some(reason), _) => {
+                    warn!(rollout_id = %id, %reason, "rollout stopped at start-up");
+                    if let Some(r) = self.state.rollouts.get(&id).cloned() {
+                        self.stop_rings(&r, "policy changed", now, out);
+                    }
+                    self.set_state(
+                        &id,
+                        RolloutState::Halted {
+                            reason: reason.clone(),
+                        },
+                        out,
+                    );
+                    self.end(&id, now, out);
+                    out.audit(Record::auto("halt", &id, None, reason));
+                }
+                (None, Some(name)) if name != ring => {
+                    if let Some(r) = self.state.rollouts.get_mut(&id) {
+                        if let RolloutState::Active { ring, .. } = &mut r.state {
+                            *ring = name;
+                        }
+                        out.changes.rollouts.insert(id.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (ring, min, known) in self.undersized_rings(fleet) {
+            warn!(
+                ring,
+                known, min, "ring has fewer known devices than its gate's min_reports"
+            );
+        }
+        self.republish_all(now, out);
+    }
+
+    /// Rings whose gate needs more commits than the ring has known devices: `(ring,
+    /// min_reports, known)`.
+    fn undersized_rings(&self, fleet: &Fleet<'_>) -> Vec<(String, u32, u32)> {
+        let sizes = fleet.ring_sizes();
+        self.cfg
+            .policy
+            .rings
+            .iter()
+            .filter_map(|r| {
+                let known = sizes.get(&r.name).copied().unwrap_or(0);
+                (known < r.gate.min_reports).then(|| (r.name.clone(), r.gate.min_reports, known))
+            })
+            .collect()
+    }
+
+    /// Re-sign every standing directive and publish the trust root (start, reconnect).
+    fn republish_all(&mut self, now: Timestamp, out: &mut Out) {
+        out.publish(self.cfg.topics.trust(), self.cfg.trust_envelope.clone());
+        self.resign(now, None, out);
+    }
+
+    /// Re-sign the standing directives: all of them, or with `due_after` those signed longer
+    /// ago than that (or, after the clock stepped back, in the future): freeze protection.
+    fn resign(&mut self, now: Timestamp, due_after: Option<SignedDuration>, out: &mut Out) {
+        let due = |issued: Timestamp| match due_after {
+            None => true,
+            Some(after) => {
+                now >= issued.checked_add(after).unwrap_or(Timestamp::MAX) || now < issued
+            }
+        };
+        let rings: Vec<String> = self
+            .state
+            .rings
+            .values()
+            .filter(|d| due(d.issued_at))
+            .map(|d| d.ring.clone())
+            .collect();
+        for ring in rings {
+            if let Some(mut spec) = self.state.rings.get(&ring).cloned() {
+                self.sign(&mut spec, now, out);
+                self.state.rings.insert(ring.clone(), spec);
+                out.changes.rings.insert(ring);
+            }
+        }
+        let pins: Vec<String> = self
+            .state
+            .pins
+            .iter()
+            .filter(|(_, p)| due(p.directive.issued_at))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for device in pins {
+            if let Some(mut pin) = self.state.pins.get(&device).cloned() {
+                self.sign(&mut pin.directive, now, out);
+                self.state.pins.insert(device.clone(), pin);
+                out.changes.pins.insert(device);
+            }
+        }
+    }
+
+    /// Sign `spec` at `now` (next sequence, fresh expiry) and queue its publication.
+    fn sign(&self, spec: &mut RingDirective, now: Timestamp, out: &mut Out) {
+        let ttl = self.cfg.policy.directive_ttl.signed();
+        spec.sequence = directive::next_sequence(spec.sequence, now);
+        spec.issued_at = now;
+        spec.expires_at = now.checked_add(ttl).unwrap_or(Timestamp::MAX);
+        let release = spec
+            .release_id
+            .as_ref()
+            .and_then(|id| self.state.releases.get(id))
+            .map(|r| r.envelope.clone());
+        let action = if release.is_none() {
+            Action::Hold
+        } else {
+            spec.action
+        };
+        let d = Directive {
+            fleet: self.cfg.policy.fleet.clone(),
+            ring: spec.ring.clone(),
+            device: spec.device.clone(),
+            rollout_id: spec.rollout_id.clone(),
+            sequence: spec.sequence,
+            issued_at: spec.issued_at,
+            expires_at: spec.expires_at,
+            action,
+            release: (action == Action::Install).then_some(release).flatten(),
+            percent: spec.percent,
+            activation: spec.activation.clone(),
+        };
+        let topic = match &spec.device {
+            Some(device) => self.cfg.topics.device_directive(device),
+            None => self.cfg.topics.ring_directive(&spec.ring),
+        };
+        out.publish(topic, d.sign(&[&self.cfg.key]).to_vec());
+    }
+
+    /// Set and sign a ring's standing directive; a new rollout on the ring retires the
+    /// device directives of its devices.
+    #[allow(clippy::too_many_arguments)]
+    fn set_ring(
+        &mut self,
+        ring: &str,
+        rollout_id: &str,
+        action: Action,
+        release_id: Option<String>,
+        percent: Percent,
+        activation: Activation,
+        now: Timestamp,
+        out: &mut Out,
+    ) {
+        let prev = self.state.rings.get(ring);
+        let prev_rollout = prev.map(|r| r.rollout_id.clone());
+        let mut spec = RingDirective {
+            ring: ring.into(),
+            device: None,
+            rollout_id: rollout_id.into(),
+            action,
+            release_id,
+            percent,
+            activation,
+            sequence: prev.map_or(0, |r| r.sequence),
+            issued_at: now,
+            expires_at: now,
+        };
+        self.sign(&mut spec, now, out);
+        self.state.rings.insert(ring.into(), spec);
+        out.changes.rings.insert(ring.into());
+        if prev_rollout.as_deref() != Some(rollout_id) {
+            self.retire_pins_of_ring(ring, rollout_id, out);
+        }
+    }
+
+    // ----- evaluation -----------------------------------------------------------------------
+
+    fn tick(&mut self, now: Timestamp, fleet: &Fleet<'_>, out: &mut Out) {
+        let mut live: Vec<(Timestamp, String)> = self
+            .state
+            .rollouts
+            .values()
+            .filter(|r| r.state.is_live())
+            .map(|r| (r.created_at, r.id.clone()))
+            .collect();
+        live.sort();
+        for (_, id) in live {
+            for _ in 0..MAX_CHAIN {
+                if !self.advance(&id, now, fleet, out) {
+                    break;
+                }
+            }
+        }
+        let half = SignedDuration::from_millis(
+            i64::try_from(self.cfg.policy.directive_ttl.signed().as_millis() / 2)
+                .unwrap_or(i64::MAX),
+        );
+        self.resign(now, Some(half), out);
+        self.track_insight(now, fleet, out);
+    }
+
+    fn set_state(&mut self, id: &str, state: RolloutState, out: &mut Out) {
+        if let Some(r) = self.state.rollouts.get_mut(id) {
+            r.state = state;
+            out.changes.rollouts.insert(id.to_owned());
+        }
+    }
+
+    fn end(&mut self, id: &str, now: Timestamp, out: &mut Out) {
+        if let Some(r) = self.state.rollouts.get_mut(id) {
+            r.ended_at = Some(now);
+            out.changes.rollouts.insert(id.to_owned());
+        }
+    }
+
+    /// The percent standing on `ring` for rollout `r`: its directive's, or 100 % for a ring
+    /// it passed (and whose directive another rollout has taken over since).
+    fn percent_on(&self, r: &Rollout, ring: &str) -> Percent {
+        self.state
+            .rings
+            .get(ring)
+            .filter(|d| d.rollout_id == r.id)
+            .map(|d| d.percent)
+            .unwrap_or(Percent::FULL)
+    }
+
+    /// One transition of rollout `id` at `now`; `true` when it moved (evaluate again).
+    fn advance(&mut self, id: &str, now: Timestamp, fleet: &Fleet<'_>, out: &mut Out) -> bool {
+        let Some(r) = self.state.rollouts.get(id).cloned() else {
+            return false;
+        };
+        let span = tracing::info_span!("rollout", rollout_id = %id, ring = tracing::field::Empty);
+        let _g = span.enter();
+
+        // Gates first, on every ring the release reached, paused or not: a bad release is
+        // stopped even while an operator holds the rollout.
+        if let RolloutState::Active { .. } = r.state {
+            if let Some((ring, t)) = self.crossed_gate(&r, now, fleet) {
+                let rp = self.ring_policy(&ring);
+                let evidence = fleet.failure_evidence(&r, &ring);
+                let max = rp.map_or(0.0, |p| p.gate.max_failure_rate);
+                let reason = halt_reason(&ring, &t, max, &evidence);
+                self.halt(&r, &ring, reason, true, now, out);
+                return false;
+            }
+        }
+        if r.paused {
+            return false;
+        }
+        match r.state.clone() {
+            RolloutState::Queued => {
+                // First come, first served: wait while an older rollout of this name is live.
+                let blocked = self.state.rollouts.values().any(|o| {
+                    o.id != r.id
+                        && o.release_name == r.release_name
+                        && o.state.is_live()
+                        && (o.state != RolloutState::Queued || o.created_at < r.created_at)
+                });
+                if blocked {
+                    return false;
+                }
+                out.audit(Record::auto(
+                    "dequeue",
+                    id,
+                    None,
+                    "previous rollout of this release finished",
+                ));
+                self.set_state(id, RolloutState::Pending, out);
+                true
+            }
+            RolloutState::Pending => {
+                if r.start_at.is_some_and(|s| now < s) {
+                    return false;
+                }
+                let Some(first) = self.cfg.policy.rings.first().map(|r| r.name.clone()) else {
+                    return false;
+                };
+                out.audit(Record::auto("start", id, None, "rollout started"));
+                self.set_state(
+                    id,
+                    RolloutState::Active {
+                        ring: first,
+                        step: 0,
+                        stage: Stage::WaitingWindow,
+                    },
+                    out,
+                );
+                true
+            }
+            RolloutState::Active { ring, step, stage } => {
+                span.record("ring", ring.as_str());
+                let Some(rp) = self.ring_policy(&ring).cloned() else {
+                    // Only a policy changed since start-up could do this; start-up stops such
+                    // rollouts, so say so loudly rather than guess.
+                    warn!(%ring, "rollout is on a ring the policy does not have; not advancing");
+                    return false;
+                };
+                self.advance_active(&r, &rp, step, stage, now, fleet, out)
+            }
+            RolloutState::Completed
+            | RolloutState::Halted { .. }
+            | RolloutState::RolledBack { .. }
+            | RolloutState::Aborted
+            | RolloutState::Superseded { .. } => false,
+        }
+    }
+
+    fn ring_policy(&self, ring: &str) -> Option<&RingPolicy> {
+        self.cfg.policy.ring(ring)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn advance_active(
+        &mut self,
+        r: &Rollout,
+        rp: &RingPolicy,
+        step: usize,
+        stage: Stage,
+        now: Timestamp,
+        fleet: &Fleet<'_>,
+        out: &mut Out,
+    ) -> bool {
+        let id = r.id.as_str();
+        let ring = rp.name.clone();
+        let last_step = step + 1 == rp.steps.len();
+        let active = |stage| RolloutState::Active {
+            ring: ring.clone(),
+            step,
+            stage,
+        };
+        match stage {
+            Stage::WaitingWindow | Stage::WaitingApproval => {
+                let open = rp.schedule().is_open(now);
+                let needs_approval = step == 0
+                    && rp.promotion == Promotion::Manual
+                    && !r.approvals.contains_key(&rp.name);
+                if !open {
+                    if stage == Stage::WaitingWindow {
+                        return false;
+                    }
+                    self.set_state(id, active(Stage::WaitingWindow), out);
+                    return true;
+                }
+                if needs_approval {
+                    if stage == Stage::WaitingApproval {
+                        return false;
+                    }
+                    out.audit(Record::auto(
+                        "wait_approval",
+                        id,
+                        Some(&rp.name),
+                        "ring is manual: waiting for an approver",
+                    ));
+                    self.set_state(id, active(Stage::WaitingApproval), out);
+                    return true;
+                }
+                self.publish_step(r, rp, step, now, out);
+                self.set_state(id, active(Stage::Publishing { since: now }), out);
+                true
+            }
+            Stage::Publishing { since } => {
+                let t = fleet.tally(r, &ring, rp.steps[step], now);
+                if self.unreachable(r, rp, step, &t, now, fleet, out) {
+                    return false;
+                }
+                if gate_met(&t, rp, last_step) {
+                    info!(committed = t.committed, "gate met; baking");
+                    self.set_state(
+                        id,
+                        active(Stage::Baking {
+                            since: now,
+                            published: Some(since),
+                        }),
+                        out,
+                    );
+                    return true;
+                }
+                let limit = rp.step_timeout.signed();
+                if !limit.is_zero() && now.duration_since(since) >= limit {
+                    let need = needed(&t, rp, last_step);
+                    let reason = timeout_reason(&ring, &t, need, &rp.step_timeout.to_string());
+                    self.halt(r, &ring, reason, true, now, out);
+                    return false;
+                }
+                false
+            }
+            Stage::Baking { since, published } => {
+                let t = fleet.tally(r, &ring, rp.steps[step], now);
+                if self.unreachable(r, rp, step, &t, now, fleet, out) {
+                    return false;
+                }
+                if !gate_met(&t, rp, last_step) {
+                    // The gate must hold through the bake: back to waiting for it.
+                    out.audit(Record::auto(
+                        "gate_lost",
+                        id,
+                        Some(&ring),
+                        format!(
+                            "step {} gate no longer met ({} committed, {} failed); bake restarts \
+                             when it is",
+                            rp.steps[step], t.committed, t.failed
+                        ),
+                    ));
+                    self.set_state(
+                        id,
+                        active(Stage::Publishing {
+                            since: published.unwrap_or(since),
+                        }),
+                        out,
+                    );
+                    return true;
+                }
+                if now.duration_since(since) < rp.bake.signed() {
+                    return false;
+                }
+                self.mark_passed(id, &ring, step, now, out);
+                if !last_step {
+                    out.audit(Record::auto(
+                        "promote_step",
+                        id,
+                        Some(&ring),
+                        format!(
+                            "step {} passed ({} committed, {} failed); next {}",
+                            rp.steps[step],
+                            t.committed,
+                            t.failed,
+                            rp.steps[step + 1]
+                        ),
+                    ));
+                    self.set_state(
+                        id,
+                        RolloutState::Active {
+                            ring: ring.clone(),
+                            step: step + 1,
+                            stage: Stage::WaitingWindow,
+                        },
+                        out,
+                    );
+                    return true;
+                }
+                if !rp.checks.is_empty() {
+                    self.start_checks(r, rp, 1, now, fleet, out);
+                    return true;
+                }
+                self.promote_ring(r, &ring, now, out);
+                true
+            }
+            Stage::Checking { .. } => false,
+            Stage::ChecksFailed { at, attempt, .. } => {
+                if now.duration_since(at) < rp.check_retry.signed() {
+                    return false;
+                }
+                self.start_checks(r, rp, attempt + 1, now, fleet, out);
+                true
+            }
+        }
+    }
+
+    /// Halt when refusals or failures leave too few devices of the ramp to commit.
+    #[allow(clippy::too_many_arguments)]
+    fn unreachable(
+        &mut self,
+        r: &Rollout,
+        rp: &RingPolicy,
+        step: usize,
+        t: &Tally,
+        now: Timestamp,
+        fleet: &Fleet<'_>,
+        out: &mut Out,
+    ) -> bool {
+        let last_step = step + 1 == rp.steps.len();
+        if !gate_unreachable(t, rp, last_step) {
+            return false;
+        }
+        let refusals = fleet.refusals(r, &rp.name, rp.steps[step]);
+        let failures = fleet.failure_evidence(r, &rp.name);
+        let reason = unreachable_reason(
+            &rp.name,
+            t,
+            needed(t, rp, last_step),
+            &refusals,
+            &failures,
+        );
+        self.halt(r, &rp.name, reason, true, now, out);
+        true
+    }
+
+    /// The first reached ring whose gate is crossed, with its tally.
+    fn crossed_gate(
+        &self,
+        r: &Rollout,
+        now: Timestamp,
+        fleet: &Fleet<'_>,
+    ) -> Option<(String, Tally)> {
+        r.rings_reached.iter().find_map(|ring| {
+            let rp = self.ring_policy(ring)?;
+            let t = fleet.tally(r, ring, self.percent_on(r, ring), now);
+            gate_crossed(&t, rp).then(|| (ring.clone(), t))
+        })
+    }
+
+    fn mark_passed(&mut self, id: &str, ring: &str, step: usize, now: Timestamp, out: &mut Out) {
+        if let Some(r) = self.state.rollouts.get_mut(id) {
+            if let Some(h) = r
+                .history
+                .iter_mut()
+                .rev()
+                .find(|h| h.ring == ring && h.step == step)
+            {
+                h.passed_at = Some(now);
+                out.changes.rollouts.insert(id.to_owned());
+            }
+        }
+    }
+
+    fn publish_step(
+        &mut self,
+        r: &Rollout,
+        rp: &RingPolicy,
+        step: usize,
+        now: Timestamp,
+        out: &mut Out,
+    ) {
+        let percent = rp.steps[step];
+        let activation = Activation {
+            not_before: r.activate_at,
+            windows: rp.windows.clone(),
+            timezone: (!rp.windows.is_empty()).then(|| rp.timezone.clone()),
+        };
+        self.set_ring(
+            &rp.name,
+            &r.id,
+            Action::Install,
+            Some(r.release_id.clone()),
+            percent,
+            activation,
+            now,
+            out,
+        );
+        if let Some(rr) = self.state.rollouts.get_mut(&r.id) {
+            if !rr.rings_reached.contains(&rp.name) {
+                rr.rings_reached.push(rp.name.clone());
+            }
+            rr.history.push(StepRecord {
+                ring: rp.name.clone(),
+                step,
+                percent,
+                published_at: now,
+                passed_at: None,
+            });
+            out.changes.rollouts.insert(r.id.clone());
+        }
+        let window = if rp.windows.is_empty() {
+            ""
+        } else {
+            " (delivery window open)"
+        };
+        out.audit(Record::auto(
+            "publish",
+            &r.id,
+            Some(&rp.name),
+            format!("install {} at {percent}{window}", r.release_id),
+        ));
+        info!(ring = %rp.name, %percent, "step published");
+    }
+
+    fn start_checks(
+        &mut self,
+        r: &Rollout,
+        rp: &RingPolicy,
+        attempt: u32,
+        now: Timestamp,
+        fleet: &Fleet<'_>,
+        out: &mut Out,
+    ) {
+        let devices = fleet.ring_devices(&rp.name);
+        out.audit(Record::auto(
+            "checks_started",
+            &r.id,
+            Some(&rp.name),
+            format!(
+                "{} acceptance check(s), attempt {attempt} of {}, on {} device(s)",
+                rp.checks.len(),
+                rp.check_attempts,
+                devices.len()
+            ),
+        ));
+        out.effects.push(Effect::RunChecks {
+            rollout: r.id.clone(),
+            ring: rp.name.clone(),
+            release: r.release_id.clone(),
+            attempt,
+            checks: rp.checks.clone(),
+            devices,
+        });
+        self.set_state(
+            &r.id,
+            RolloutState::Active {
+                ring: rp.name.clone(),
+                step: rp.steps.len() - 1,
+                stage: Stage::Checking {
+                    since: now,
+                    attempt,
+                },
+            },
+            out,
+        );
+    }
+
+    fn checks_done(
+        &mut self,
+        id: &str,
+        ring: &str,
+        attempt: u32,
+        outcome: std::result::Result<(), String>,
+        now: Timestamp,
+        out: &mut Out,
+    ) -> Result<()> {
+        let r = self.state.rollouts.get(id).cloned().ok_or(Error::NotFound {
+            what: "rollout",
+            id: id.into(),
+        })?;
+        let waiting = matches!(
+            &r.state,
+            RolloutState::Active {
+                ring: rr,
+                stage: Stage::Checking { attempt: a, .. },
+                ..
+            } if rr == ring && *a == attempt
+        );
+        if !waiting {
+            // A result for checks the rollout no longer waits for (aborted, halted meanwhile).
+            return Err(Error::conflict(
+                "disallowed",
+                format!(
+                    "acceptance checks of ring {ring} (attempt {attempt}) finished while rollout \
+                     {id} is {}",
+                    r.state.phase()
+                ),
+            ));
+        }
+        let Some(rp) = self.ring_policy(ring).cloned() else {
+            return Err(Error::NotFound {
+                what: "ring",
+                id: ring.into(),
+            });
+        };
+        match outcome {
+            Ok(()) => {
+                out.audit(Record::auto(
+                    "checks_passed",
+                    id,
+                    Some(ring),
+                    format!("acceptance checks passed (attempt {attempt})"),
+                ));
+                self.promote_ring(&r, ring, now, out);
+            }
+            Err(detail) => {
+                out.audit(Record::auto(
+                    "checks_failed",
+                    id,
+                    Some(ring),
+                    format!(
+                        "attempt {attempt} of {}: {detail}",
+                        rp.check_attempts.max(1)
+                    ),
+                ));
+                if attempt >= rp.check_attempts.max(1) {
+                    let reason = format!(
+                        "acceptance checks of ring {ring} failed {attempt} time(s): {detail}"
+                    );
+                    self.halt(&r, ring, reason, true, now, out);
+                } else {
+                    self.set_state(
+                        id,
+                        RolloutState::Active {
+                            ring: ring.into(),
+                            step: rp.steps.len() - 1,
+                            stage: Stage::ChecksFailed {
+                                at: now,
+                                detail,
+                                attempt,
+                            },
+                        },
+                        out,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Move rollout `r` past `ring`: to the next ring, or completed.
+    fn promote_ring(&mut self, r: &Rollout, ring: &str, now: Timestamp, out: &mut Out) {
+        match self.cfg.policy.next_ring(ring).map(|n| n.name.clone()) {
+            Some(next) => {
+                out.audit(Record::auto(
+                    "promote",
+                    &r.id,
+                    Some(ring),
+                    format!("ring {ring} passed; next ring {next}"),
+                ));
+                self.set_state(
+                    &r.id,
+                    RolloutState::Active {
+                        ring: next,
+                        step: 0,
+                        stage: Stage::WaitingWindow,
+                    },
+                    out,
+                );
+            }
+            None => {
+                self.set_state(&r.id, RolloutState::Completed, out);
+                self.end(&r.id, now, out);
+                self.state
+                    .last_good
+                    .insert(r.release_name.clone(), r.release_id.clone());
+                out.changes.last_good = true;
+                out.audit(Record::auto(
+                    "complete",
+                    &r.id,
+                    Some(ring),
+                    format!("release {} reached every ring", r.release_id),
+                ));
+                info!(rollout_id = %r.id, "rollout completed");
+            }
+        }
+    }
+
+    /// Stop rollout `r` for `reason` in `ring`, as the ring's `on_failure` says: send every
+    /// ring it reached back to the last completed release (`rollback`), or hold them. With
+    /// `block`, the release is never offered again unless an operator unblocks it.
+    fn halt(
+        &mut self,
+        r: &Rollout,
+        ring: &str,
+        reason: String,
+        block: bool,
+        now: Timestamp,
+        out: &mut Out,
+    ) {
+        warn!(rollout_id = %r.id, %ring, %reason, "halting rollout");
+        let on_failure = self.ring_policy(ring).map_or(OnFailure::Halt, |p| p.on_failure);
+        let rollback_to = self
+            .state
+            .last_good
+            .get(&r.release_name)
+            .filter(|g| **g != r.release_id)
+            .cloned();
+        let state = match (on_failure, rollback_to) {
+            (OnFailure::Rollback, Some(to)) => {
+                let rb_id = format!("{}-rollback", r.id);
+                for reached in &r.rings_reached {
+                    let standing = self.state.rings.get(reached).map(|d| d.rollout_id.clone());
+                    if standing.as_deref() == Some(r.id.as_str()) {
+                        self.set_ring(
+                            reached,
+                            &rb_id,
+                            Action::Install,
+                            Some(to.clone()),
+                            Percent::FULL,
+                            Activation::default(),
+                            now,
+                            out,
+                        );
+                        out.audit(Record::auto(
+                            "rollback",
+                            &r.id,
+                            Some(reached),
+                            format!("ring sent back to {to}"),
+                        ));
+                    }
+                }
+                RolloutState::RolledBack {
+                    reason: reason.clone(),
+                    to,
+                }
+            }
+            (on_failure, _) => {
+                if on_failure == OnFailure::Rollback {
+                    warn!(rollout_id = %r.id, "no completed release to roll back to; holding instead");
+                }
+                self.stop_rings(r, "halted", now, out);
+                RolloutState::Halted {
+                    reason: reason.clone(),
+                }
+            }
+        };
+        if block {
+            if let Some(rel) = self.state.releases.get_mut(&r.release_id) {
+                rel.blocked = Some(reason.clone());
+                out.changes.releases.insert(r.release_id.clone());
+            }
+        }
+        self.set_state(&r.id, state, out);
+        self.end(&r.id, now, out);
+        out.audit(Record::auto("halt", &r.id, Some(ring), reason));
+    }
+
+    /// Hold the rings a stopped rollout still stands on.
+    fn stop_rings(&mut self, r: &Rollout, why: &str, now: Timestamp, out: &mut Out) {
+        for ring in r.rings_reached.clone() {
+            let standing = self.state.rings.get(&ring).map(|d| d.rollout_id.clone());
+            if standing.as_deref() == Some(r.id.as_str()) {
+                self.set_ring(
+                    &ring,
+                    &r.id,
+                    Action::Hold,
+                    None,
+                    Percent::FULL,
+                    Activation::default(),
+                    now,
+                    out,
+                );
+                out.audit(Record::auto(
+                    "hold",
+                    &r.id,
+                    Some(&ring),
+                    format!("hold published: {why}"),
+                ));
+            }
+        }
+    }
+
+    /// Record fleet-coverage and restore times (only recent rollouts still missing one).
+    fn track_insight(&mut self, now: Timestamp, fleet: &Fleet<'_>, out: &mut Out) {
+        let week = SignedDuration::from_hours(24 * 7);
+        let ids: Vec<String> = self
+            .state
+            .rollouts
+            .values()
+            .filter(|r| r.ended_at.is_none_or(|e| now.duration_since(e) < week))
+            .filter(|r| match r.state {
+                RolloutState::Halted { .. } | RolloutState::RolledBack { .. } => {
+                    r.insight.restored_at.is_none()
+                }
+                _ => r.insight.fleet_full_at.is_none(),
+            })
+            .map(|r| r.id.clone())
+            .collect();
+        for id in ids {
+            let Some(r) = self.state.rollouts.get(&id) else {
+                continue;
+            };
+            let Some(rel) = self.state.releases.get(&r.release_id) else {
+                continue;
+            };
+            let cov = fleet.coverage(r, &rel.release);
+            let Some(rr) = self.state.rollouts.get_mut(&id) else {
+                continue;
+            };
+            let before = rr.insight.clone();
+            match rr.state {
+                RolloutState::Halted { .. } | RolloutState::RolledBack { .. } => {
+                    if cov.on_release == 0 && cov.in_flight == 0 {
+                        rr.insight.restored_at = Some(now);
+                    }
+                }
+                _ => {
+                    if cov.fleet > 0
+                        && cov.on_release * 2 >= cov.fleet
+                        && rr.insight.fleet_half_at.is_none()
+                    {
+                        rr.insight.fleet_half_at = Some(now);
+                    }
+                    if cov.fleet > 0 && cov.on_release >= cov.fleet {
+                        rr.insight.fleet_full_at = Some(now);
+                    }
+                }
+            }
+            if rr.insight != before {
+                out.changes.rollouts.insert(id);
+            }
+        }
+    }
+
+    // ----- operator commands ----------------------------------------------------------------
+
+    /// Every rule an agent applies, before anything changes: the envelope's size before it
+    /// is parsed, both signatures, expiry, a sequence strictly above every earlier one of the
+    /// name (whatever the release id), and at least one known device class it is for.
+    fn submit(
+        &mut self,
+        s: Submit,
+        actor: &Actor,
+        artifact_stored: bool,
+        now: Timestamp,
+        fleet: &Fleet<'_>,
+        out: &mut Out,
+    ) -> Result<(ReleaseRecord, Rollout, Vec<String>)> {
+        let size = s.envelope.to_vec().len();
+        if size > ringcast_proto::limits::MAX_ENVELOPE_BYTES {
+            return Err(Error::Rejected(Rejection::new(
+                Reason::TooLarge,
+                format!(
+                    "release envelope is {size} bytes, over {}",
+                    ringcast_proto::limits::MAX_ENVELOPE_BYTES
+                ),
+            )));
+        }
+        let skew = self.cfg.policy.allowed_skew.signed();
+        let release = ringcast_proto::verify_release(&self.cfg.trust, &s.envelope, now, skew)?;
+        let id = format!("{}-{}", release.name, release.sequence);
+        let newest = self
+            .state
+            .releases
+            .values()
+            .filter(|r| r.release.name == release.name)
+            .map(|r| r.release.sequence)
+            .max();
+        if let Some(existing) = self.state.releases.get(&id) {
+            if existing.envelope != s.envelope {
+                return Err(Error::conflict(
+                    "sequence_reused",
+                    format!("release {id} was already submitted with different content"),
+                ));
+            }
+            if existing.blocked.is_some() {
+                return Err(Error::conflict(
+                    "release_blocked",
+                    format!("release {id} was halted; unblock it first"),
+                ));
+            }
+            if self
+                .state
+                .rollouts
+                .values()
+                .any(|r| r.release_id == id && r.state.is_live())
+            {
+                return Err(Error::conflict(
+                    "already_rolling_out",
+                    format!("release {id} already has a live rollout"),
+                ));
+            }
+        }
+        // (A release of the same name and sequence has this id, and was handled above.)
+        if let Some(newer) = newest.filter(|&max| max > release.sequence) {
+            return Err(Error::conflict(
+                "sequence_not_increasing",
+                format!(
+                    "release {} has sequence {}, not above {newer} already submitted",
+                    release.name, release.sequence
+                ),
+            ));
+        }
+        // An artifact the controller serves must be in the store before devices are sent there.
+        if let Some(hex) = release.artifact.url.strip_prefix("/artifacts/sha256/") {
+            if hex != release.artifact.sha256 || !artifact_stored {
+                return Err(Error::conflict(
+                    "artifact_missing",
+                    format!(
+                        "artifact {} ({} bytes) is not in the store; upload it first",
+                        release.artifact.sha256, release.artifact.size
+                    ),
+                ));
+            }
+        }
+        let classes = fleet.classes();
+        if !classes.is_empty() && !classes.iter().any(|c| release.is_compatible(c)) {
+            return Err(Error::conflict(
+                "incompatible",
+                format!(
+                    "release {id} is for {}; no device of the fleet is ({} known)",
+                    release.compatible.join(","),
+                    classes.into_iter().collect::<Vec<_>>().join(",")
+                ),
+            ));
+        }
+        let mut warnings: Vec<String> = self
+            .undersized_rings(fleet)
+            .into_iter()
+            .map(|(ring, min, known)| {
+                format!(
+                    "ring {ring} has {known} known device(s), fewer than its gate's \
+                     min_reports {min}: its last step cannot pass until more report"
+                )
+            })
+            .collect();
+        if classes.is_empty() {
+            warnings.push("no device has reported yet: compatibility not checked".into());
+        }
+
+        let rec = ReleaseRecord {
+            id: id.clone(),
+            release: release.clone(),
+            envelope: s.envelope,
+            submitted_at: now,
+            submitted_by: actor.name.clone(),
+            blocked: None,
+        };
+        let mut rollout_id = id.clone();
+        let mut n = 2;
+        while self.state.rollouts.contains_key(&rollout_id) {
+            rollout_id = format!("{id}-{n}");
+            n += 1;
+        }
+        let live_same_name: Vec<String> = self
+            .state
+            .rollouts
+            .values()
+            .filter(|r| r.release_name == release.name && r.state.is_live())
+            .map(|r| r.id.clone())
+            .collect();
+        let rule = self.cfg.policy.new_release_rule();
+        let state = if live_same_name.is_empty() || rule == OnNewRelease::Supersede {
+            RolloutState::Pending
+        } else {
+            RolloutState::Queued
+        };
+        let rollout = Rollout {
+            id: rollout_id.clone(),
+            release_id: id.clone(),
+            release_name: release.name.clone(),
+            release_sequence: release.sequence,
+            created_at: now,
+            start_at: s.start_at,
+            activate_at: s.activate_at,
+            state,
+            paused: false,
+            approvals: BTreeMap::new(),
+            rings_reached: Vec::new(),
+            history: Vec::new(),
+            ended_at: None,
+            insight: Default::default(),
+        };
+        self.state.releases.insert(id.clone(), rec.clone());
+        out.changes.releases.insert(id.clone());
+        self.state
+            .rollouts
+            .insert(rollout_id.clone(), rollout.clone());
+        out.changes.rollouts.insert(rollout_id.clone());
+        let warned = if warnings.is_empty() {
+            String::new()
+        } else {
+            format!("; warnings: {}", warnings.join("; "))
+        };
+        out.audit(actor.record(
+            "release_submit",
+            Some(&rollout_id),
+            None,
+            format!(
+                "release {id} (version {}, for {}); rollout {}{warned}",
+                release.version,
+                release.compatible.join(","),
+                rollout.state.phase()
+            ),
+        ));
+        if rule == OnNewRelease::Supersede {
+            for old in live_same_name {
+                self.set_state(
+                    &old,
+                    RolloutState::Superseded {
+                        by: rollout_id.clone(),
+                    },
+                    out,
+                );
+                self.end(&old, now, out);
+                out.audit(Record::auto(
+                    "supersede",
+                    &old,
+                    None,
+                    format!("superseded by {rollout_id}"),
+                ));
+            }
+        }
+        for w in &warnings {
+            warn!(rollout_id = %rollout_id, "{w}");
+        }
+        info!(rollout_id = %rollout_id, release = %id, "release submitted");
+        Ok((rec, rollout, warnings))
+    }
+
+    fn act(
+        &mut self,
+        id: &str,
+        action: RolloutAction,
+        ring: Option<String>,
+        actor: &Actor,
+        now: Timestamp,
+        out: &mut Out,
+    ) -> Result<Rollout> {
+        let r = self.state.rollouts.get(id).cloned().ok_or(Error::NotFound {
+            what: "rollout",
+            id: id.into(),
+        })?;
+        if !r.state.is_live() {
+            return Err(Error::conflict(
+                "rollout_finished",
+                format!("rollout {id} is {}", r.state.phase()),
+            ));
+        }
+        let mut ring_name = None;
+        let mut next = r.clone();
+        match action {
+            RolloutAction::Approve => {
+                let name = match (ring, &r.state) {
+                    (Some(n), _) => n,
+                    (
+                        None,
+                        RolloutState::Active {
+                            ring,
+                            stage: Stage::WaitingApproval,
+                            ..
+                        },
+                    ) => ring.clone(),
+                    (None, _) => {
+                        return Err(Error::conflict(
+                            "not_waiting_approval",
+                            format!(
+                                "rollout {id} is {}; name a ring to approve ahead",
+                                r.state.phase()
+                            ),
+                        ))
+                    }
+                };
+                let rp = self.ring_policy(&name).ok_or_else(|| Error::NotFound {
+                    what: "ring",
+                    id: name.clone(),
+                })?;
+                if rp.promotion != Promotion::Manual {
+                    return Err(Error::conflict(
+                        "not_manual",
+                        format!("ring {name} promotes automatically"),
+                    ));
+                }
+                if r.approvals.contains_key(&name) {
+                    return Err(Error::conflict(
+                        "already_approved",
+                        format!("ring {name} is already approved"),
+                    ));
+                }
+                next.approvals.insert(
+                    name.clone(),
+                    Approval {
+                        by: actor.name.clone(),
+                        at: now,
+                    },
+                );
+                ring_name = Some(name);
+            }
+            RolloutAction::Pause => {
+                if r.paused {
+                    return Err(Error::conflict(
+                        "already_paused",
+                        format!("rollout {id} is paused"),
+                    ));
+                }
+                next.paused = true;
+            }
+            RolloutAction::Resume => {
+                if !r.paused {
+                    return Err(Error::conflict(
+                        "not_paused",
+                        format!("rollout {id} is not paused"),
+                    ));
+                }
+                next.paused = false;
+            }
+            RolloutAction::Abort => {
+                next.state = RolloutState::Aborted;
+                next.ended_at = Some(now);
+            }
+        }
+        // Validated: from here on it changes.
+        out.audit(actor.record(
+            action.as_str(),
+            Some(id),
+            ring_name.as_deref(),
+            String::new(),
+        ));
+        self.state.rollouts.insert(id.into(), next.clone());
+        out.changes.rollouts.insert(id.into());
+        if action == RolloutAction::Abort {
+            self.stop_rings(&next, "aborted", now, out);
+        }
+        Ok(next)
+    }
+
+    fn unblock(&mut self, id: &str, actor: &Actor, out: &mut Out) -> Result<ReleaseRecord> {
+        let r = self.state.releases.get_mut(id).ok_or(Error::NotFound {
+            what: "release",
+            id: id.into(),
+        })?;
+        if r.blocked.take().is_none() {
+            return Err(Error::conflict(
+                "not_blocked",
+                format!("release {id} is not blocked"),
+            ));
+        }
+        let rec = r.clone();
+        out.changes.releases.insert(id.into());
+        out.audit(actor.record("unblock", None, None, format!("release {id}")));
+        Ok(rec)
+    }
+
+    /// Pin `device` to `release_id`: a signed, retained per-device `install` that the agent
+    /// prefers over its ring's directive until unpinned or its ring gets a new rollout.
+    fn pin(
+        &mut self,
+        device: &str,
+        release_id: &str,
+        actor: &Actor,
+        now: Timestamp,
+        fleet: &Fleet<'_>,
+        out: &mut Out,
+    ) -> Result<DevicePin> {
+        let detail = format!("device {device}: pin to {release_id}");
+        let checked = self.check_pin(device, release_id, fleet);
+        let (ring, ring_rollout) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                out.audit(actor.refused("pin", None, detail, &e));
+                return Err(e);
+            }
+        };
+        let prev = self.state.pins.get(device).cloned();
+        let issued = prev.as_ref().map_or(0, |p| p.issued) + 1;
+        let rollout_id = format!("pin-{device}-{issued}");
+        let pin = DevicePin {
+            directive: RingDirective {
+                ring: ring.clone(),
+                device: Some(device.into()),
+                rollout_id: rollout_id.clone(),
+                action: Action::Install,
+                release_id: Some(release_id.into()),
+                percent: Percent::FULL,
+                activation: Activation::default(),
+                sequence: prev.map_or(0, |p| p.directive.sequence),
+                issued_at: now,
+                expires_at: now,
+            },
+            by: actor.name.clone(),
+            at: now,
+            ring_rollout,
+            issued,
+            ended: None,
+        };
+        let pin = self.set_pin(pin, now, out);
+        out.audit(actor.record("pin", Some(&rollout_id), Some(&ring), detail));
+        info!(%device, release = %release_id, %rollout_id, "device pinned");
+        Ok(pin)
+    }
+
+    fn check_pin(
+        &self,
+        device: &str,
+        release_id: &str,
+        fleet: &Fleet<'_>,
+    ) -> Result<(String, Option<String>)> {
+        let facts = fleet.device(device).ok_or_else(|| Error::NotFound {
+            what: "device",
+            id: device.into(),
+        })?;
+        let rel = self
+            .state
+            .releases
+            .get(release_id)
+            .ok_or_else(|| Error::NotFound {
+                what: "release",
+                id: release_id.into(),
+            })?;
+        if let Some(why) = &rel.blocked {
+            return Err(Error::conflict(
+                "release_blocked",
+                format!("release {release_id} was halted ({why}); unblock it first"),
+            ));
+        }
+        // The agent would refuse it (`incompatible`): say so now, not after publishing.
+        if !rel.release.is_compatible(&facts.class) {
+            return Err(Error::conflict(
+                "incompatible",
+                format!(
+                    "release {release_id} is for {}, device {device} is a {}",
+                    rel.release.compatible.join(","),
+                    facts.class
+                ),
+            ));
+        }
+        let ring_rollout = self
+            .state
+            .rings
+            .get(&facts.ring)
+            .map(|d| d.rollout_id.clone());
+        Ok((facts.ring, ring_rollout))
+    }
+
+    /// End `device`'s pin with a per-device `hold`.
+    fn unpin(
+        &mut self,
+        device: &str,
+        actor: &Actor,
+        now: Timestamp,
+        fleet: &Fleet<'_>,
+        out: &mut Out,
+    ) -> Result<DevicePin> {
+        let detail = format!("device {device}: unpin");
+        let pin = match self.state.pins.get(device).cloned() {
+            Some(p) if p.pinned_release().is_some() => p,
+            other => {
+                let e = if other.is_none() && fleet.device(device).is_none() {
+                    Error::NotFound {
+                        what: "device",
+                        id: device.into(),
+                    }
+                } else {
+                    Error::conflict("not_pinned", format!("device {device} is not pinned"))
+                };
+                out.audit(actor.refused("unpin", None, detail, &e));
+                return Err(e);
+            }
+        };
+        let released = pin.pinned_release().unwrap_or_default().to_owned();
+        let (rollout_id, ring) = (pin.directive.rollout_id.clone(), pin.directive.ring.clone());
+        let ended = self.end_pin(pin, &actor.name, "unpinned".into(), now, out);
+        out.audit(actor.record(
+            "unpin",
+            Some(&rollout_id),
+            Some(&ring),
+            format!("{detail} (was pinned to {released})"),
+        ));
+        info!(%device, %rollout_id, "device unpinned");
+        Ok(ended)
+    }
+
+    /// Replace a pin's directive with a `hold` (same rollout id: it ends that pin).
+    fn end_pin(
+        &mut self,
+        mut pin: DevicePin,
+        by: &str,
+        why: String,
+        now: Timestamp,
+        out: &mut Out,
+    ) -> DevicePin {
+        pin.directive.action = Action::Hold;
+        pin.directive.release_id = None;
+        pin.by = by.into();
+        pin.at = now;
+        pin.ended = Some(why);
+        self.set_pin(pin, now, out)
+    }
+
+    /// Sign a device's directive and keep it standing (persisted before it is published).
+    fn set_pin(&mut self, mut pin: DevicePin, now: Timestamp, out: &mut Out) -> DevicePin {
+        self.sign(&mut pin.directive, now, out);
+        let device = pin.directive.device.clone().unwrap_or_default();
+        self.state.pins.insert(device.clone(), pin.clone());
+        out.changes.pins.insert(device);
+        pin
+    }
+
+    /// A ring directive for a new rollout ends the pins of that ring's devices on the devices
+    /// themselves (agent rule), so every device directive of the ring (a standing pin, or the
+    /// hold an unpin left) has nothing more to say: it is deleted (persisted first) and its
+    /// retained message cleared, so neither a re-signing nor a restart brings it back.
+    fn retire_pins_of_ring(&mut self, ring: &str, rollout_id: &str, out: &mut Out) {
+        let ending: Vec<DevicePin> = self
+            .state
+            .pins
+            .values()
+            .filter(|p| p.directive.ring == ring)
+            .filter(|p| p.ring_rollout.as_deref() != Some(rollout_id))
+            .cloned()
+            .collect();
+        for pin in ending {
+            let device = pin.directive.device.clone().unwrap_or_default();
+            let pin_id = pin.directive.rollout_id.clone();
+            self.state.pins.remove(&device);
+            out.changes.pins.insert(device.clone());
+            out.publish(self.cfg.topics.device_directive(&device), Vec::new());
+            let why = format!("ring {ring} got rollout {rollout_id}");
+            let (action, detail) = match pin.pinned_release() {
+                Some(release) => (
+                    "unpin",
+                    format!("device {device}: pin to {release} ended: {why}"),
+                ),
+                None => (
+                    "pin_retired",
+                    format!("device {device}: hold retired: {why}"),
+                ),
+            };
+            out.audit(Record::auto(action, &pin_id, Some(ring), detail));
+            info!(%device, %pin_id, %ring, "new ring rollout retires the device directive");
+        }
+    }
+}

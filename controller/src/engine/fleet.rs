@@ -1,0 +1,191 @@
+//! What the decision core may know about the devices: a read-only view of the device table
+//! (kept by ingestion) and, through a small port, the devices' event history. The actor builds
+//! one for each decision; the core's tests build one over a map they fill themselves.
+
+use super::gate;
+use super::halt::FailureEvidence;
+use super::insight;
+use crate::model::{DeviceRecord, Rollout, Tally};
+use jiff::{SignedDuration, Timestamp};
+use ringcast_proto::{in_ramp, Event, EventKind, Percent, Release};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// The devices' event history, as the halt reason needs it.
+pub trait EventLookup {
+    /// The newest kept event of `device` that `matches`.
+    fn newest(&self, device: &str, matches: &dyn Fn(&Event) -> bool) -> Option<Event>;
+}
+
+/// No event history (tests that need none).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoEvents;
+
+impl EventLookup for NoEvents {
+    fn newest(&self, _: &str, _: &dyn Fn(&Event) -> bool) -> Option<Event> {
+        None
+    }
+}
+
+impl EventLookup for crate::store::Store {
+    fn newest(&self, device: &str, matches: &dyn Fn(&Event) -> bool) -> Option<Event> {
+        match self.newest_device_event(device, matches) {
+            Ok(e) => e.map(|x| x.event),
+            Err(e) => {
+                tracing::warn!(device, error = %e, "reading device events failed");
+                None
+            }
+        }
+    }
+}
+
+/// Most devices whose evidence a reason string gathers (a halt in a big ring must not wait).
+pub const MAX_EVIDENCE: usize = 256;
+
+/// A device's ring and class, from its last report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceFacts {
+    /// Ring.
+    pub ring: String,
+    /// Device class.
+    pub class: String,
+}
+
+/// The fleet as one decision sees it.
+pub struct Fleet<'a> {
+    devices: &'a HashMap<String, DeviceRecord>,
+    events: &'a dyn EventLookup,
+    unresponsive_after: SignedDuration,
+}
+
+impl<'a> Fleet<'a> {
+    /// A view of `devices` with `events` for evidence.
+    pub fn new(
+        devices: &'a HashMap<String, DeviceRecord>,
+        events: &'a dyn EventLookup,
+        unresponsive_after: SignedDuration,
+    ) -> Fleet<'a> {
+        Fleet {
+            devices,
+            events,
+            unresponsive_after,
+        }
+    }
+
+    /// The ring's tally for `rollout` at the ramp `percent`.
+    pub fn tally(&self, rollout: &Rollout, ring: &str, percent: Percent, now: Timestamp) -> Tally {
+        gate::tally(
+            self.devices,
+            rollout,
+            ring,
+            percent,
+            now,
+            self.unresponsive_after,
+        )
+    }
+
+    /// Every known device of `ring`, by id.
+    pub fn ring_devices(&self, ring: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .devices
+            .values()
+            .filter(|d| d.report.as_ref().is_some_and(|r| r.ring == ring))
+            .map(|d| d.id.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Known devices per ring.
+    pub fn ring_sizes(&self) -> BTreeMap<String, u32> {
+        let mut m = BTreeMap::new();
+        for r in self.devices.values().filter_map(|d| d.report.as_ref()) {
+            *m.entry(r.ring.clone()).or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// Device classes the fleet's devices report.
+    pub fn classes(&self) -> BTreeSet<String> {
+        self.devices
+            .values()
+            .filter_map(|d| d.report.as_ref().map(|r| r.device_class.clone()))
+            .collect()
+    }
+
+    /// A device's ring and class, if it ever reported.
+    pub fn device(&self, id: &str) -> Option<DeviceFacts> {
+        let r = self.devices.get(id)?.report.as_ref()?;
+        Some(DeviceFacts {
+            ring: r.ring.clone(),
+            class: r.device_class.clone(),
+        })
+    }
+
+    /// What the devices of `ring` that failed `rollout` say about why (at most
+    /// [`MAX_EVIDENCE`], by id): each one's newest `reverted` or `install_failed` event for
+    /// the rollout, falling back to its report's `last_error`.
+    pub fn failure_evidence(&self, rollout: &Rollout, ring: &str) -> Vec<FailureEvidence> {
+        let mut failing: Vec<&DeviceRecord> = self
+            .devices
+            .values()
+            .filter(|d| {
+                d.report.as_ref().is_some_and(|rep| {
+                    let ours = rep.target.as_ref().is_none_or(|x| {
+                        x.name == rollout.release_name && x.sequence == rollout.release_sequence
+                    });
+                    rep.ring == ring
+                        && rep.rollout_id.as_deref() == Some(rollout.id.as_str())
+                        && rep.phase.is_failure()
+                        && ours
+                })
+            })
+            .collect();
+        failing.sort_by(|a, b| a.id.cmp(&b.id));
+        failing.truncate(MAX_EVIDENCE);
+        let concerns = |e: &Event| {
+            matches!(
+                e.kind,
+                EventKind::Reverted { .. } | EventKind::InstallFailed { .. }
+            ) && (e.rollout_id.as_deref() == Some(rollout.id.as_str())
+                || e.release.as_ref().is_some_and(|x| {
+                    x.name == rollout.release_name && x.sequence == rollout.release_sequence
+                }))
+        };
+        failing
+            .into_iter()
+            .map(|d| {
+                let event = self.events.newest(&d.id, &concerns);
+                FailureEvidence::from_device(
+                    &d.id,
+                    event.as_ref(),
+                    d.report.as_ref().and_then(|r| r.last_error.as_ref()),
+                )
+            })
+            .collect()
+    }
+
+    /// The devices of `ring` in the ramp `percent` that refused `rollout`'s directive, with
+    /// their reason (at most [`MAX_EVIDENCE`], by id).
+    pub fn refusals(&self, rollout: &Rollout, ring: &str, percent: Percent) -> Vec<FailureEvidence> {
+        let mut v: Vec<FailureEvidence> = self
+            .devices
+            .values()
+            .filter(|d| in_ramp(&rollout.id, &d.id, percent))
+            .filter_map(|d| {
+                let rep = d.report.as_ref()?;
+                let refusal = rep.refused.as_ref()?;
+                (rep.ring == ring && refusal.rollout_id == rollout.id).then(|| {
+                    FailureEvidence::refusal(&d.id, refusal.reason.code(), &refusal.detail)
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a.device.cmp(&b.device));
+        v.truncate(MAX_EVIDENCE);
+        v
+    }
+
+    /// How much of the compatible fleet runs `release` (delivery insight).
+    pub fn coverage(&self, rollout: &Rollout, release: &Release) -> insight::Coverage {
+        insight::coverage(self.devices, rollout, release)
+    }
+}
