@@ -3,16 +3,12 @@
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 
-/// Find a free TCP port on 127.0.0.1 (bind :0, read the port, release it).
+/// A free TCP port on 127.0.0.1, reserved for this process (see `ringcast_io::ports`: no
+/// other process's `bind(0)` or outgoing connection can take it before the broker binds it).
 pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Broker(format!("bind: {e}")))?;
-    let port = l
-        .local_addr()
-        .map_err(|e| Error::Broker(format!("local_addr: {e}")))?
-        .port();
-    Ok(port)
+    ringcast_io::ports::reserve().map_err(|e| Error::Broker(e.to_string()))
 }
 
 /// Start an embedded rumqttd on 127.0.0.1 on a free port; returns the port once the broker

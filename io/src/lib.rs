@@ -3,8 +3,11 @@
 //! - [`mqtt`]: one MQTT session type over rumqttc that speaks MQTT 5 (the default: the client
 //!   announces a Maximum Packet Size, so a broker never sends it a larger packet) or MQTT 3.1.1
 //!   (older brokers, NATS), with the same events and requests either way.
+//! - [`ports`]: local ports reserved without the bind-then-release race, for servers told
+//!   their port before they bind (the embedded broker, a test's own Mosquitto).
 //!
 //! The crate holds mechanisms, not rules: what a Ringcast message means is `ringcast-proto`'s
 //! business, what to do with it the agent's and the controller's.
 
 pub mod mqtt;
+pub mod ports;

@@ -4,17 +4,13 @@
 
 use ringcast_io::mqtt::{self, Event, Options, Protocol, QoS};
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    ringcast_io::ports::reserve().unwrap()
 }
 
 /// A rumqttd with a 3.1.1 listener and an MQTT 5 listener; returns (v4 port, v5 port).

@@ -29,7 +29,6 @@ pub mod synthetic;
 
 pub use error::{HarnessError, Result};
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 
 /// The workspace root (the directory holding `deploy/`, `proto/`, `tests/`).
@@ -45,17 +44,16 @@ pub fn deploy_dir() -> PathBuf {
     workspace_root().join("deploy")
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago: bind port 0, read the port, release
-/// it. Another process may take it before the caller binds it, so callers that start a
-/// server retry with a fresh port when the bind fails (as [`mosquitto::Mosquitto`] does).
+/// A TCP port on 127.0.0.1 reserved for this process (see `ringcast_io::ports`: below the
+/// ephemeral range, locked against other Ringcast processes), so a server started on it does
+/// not race another test for it.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind(("127.0.0.1", 0))
-        .map_err(|e| HarnessError::io("binding 127.0.0.1:0 to find a free port", e))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| HarnessError::io("reading the bound port", e))?
-        .port();
-    Ok(port)
+    ringcast_io::ports::reserve().map_err(|e| {
+        HarnessError::io(
+            "reserving a local port",
+            std::io::Error::new(std::io::ErrorKind::AddrInUse, e.to_string()),
+        )
+    })
 }
 
 /// Whether this test run is CI (`CI` set and not empty): there, missing tools fail the run

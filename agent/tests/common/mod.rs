@@ -26,9 +26,9 @@ use tokio::sync::mpsc;
 pub const CLASS: &str = "sensor-v2";
 pub const RING: &str = "canary";
 
+/// A port no other test process holds (see `ringcast_io::ports`).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    ringcast_io::ports::reserve().unwrap()
 }
 
 /// Start an embedded broker; returns its port once it accepts connections.
