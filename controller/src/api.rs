@@ -37,6 +37,8 @@ use crate::model::{
 };
 use crate::shared::Shared;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -122,7 +124,13 @@ pub fn router(app: App) -> Router {
         .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/artifacts/sha256/{hex}", get(artifact))
-        .route("/api/v1/releases", get(list_releases).post(submit_release))
+        .route(
+            "/api/v1/releases",
+            get(list_releases)
+                .post(submit_release)
+                // Refused while reading, before a byte is parsed (see `submit_release`).
+                .layer(DefaultBodyLimit::max(SUBMIT_BODY_LIMIT)),
+        )
         .route("/api/v1/releases/{id}/unblock", post(unblock_release))
         // The upload streams its body and enforces `max_artifact_bytes` itself.
         .route("/api/v1/artifacts", put(upload_artifact))
@@ -441,35 +449,69 @@ pub struct SubmitResponse {
     pub release: ReleaseView,
     /// Its rollout.
     pub rollout: RolloutView,
+    /// What the operator should know, e.g. a ring with fewer devices than its `min_reports`.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// The largest `POST /api/v1/releases` body: an envelope at the agents' limit, JSON-escaped
+/// inside the request, with room for the schedule fields. The envelope itself is then held to
+/// the agents' own limit, measured on its bytes as sent.
+pub const SUBMIT_BODY_LIMIT: usize = ringcast_proto::limits::MAX_ENVELOPE_BYTES * 2;
+
+/// `SubmitRequest` as sent, with the envelope kept as its raw bytes so that its size is
+/// measured exactly as an agent would measure it, before it is parsed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubmit<'a> {
+    #[serde(borrow)]
+    envelope: &'a serde_json::value::RawValue,
+    #[serde(default)]
+    start_at: Option<Timestamp>,
+    #[serde(default)]
+    activate_at: Option<Timestamp>,
+}
+
+fn too_large(detail: String) -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", detail)
 }
 
 async fn submit_release(
     State(app): State<App>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<SubmitResponse>> {
     let actor = authorize(&app, &headers, ApiRole::Operator, "release_submit", None)?;
-    if body.len() > ringcast_proto::limits::MAX_ENVELOPE_BYTES * 2 {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            "submission over 128 KiB",
-        ));
-    }
-    let req: SubmitRequest = serde_json::from_slice(&body).map_err(|e| {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large(format!("submission over {SUBMIT_BODY_LIMIT} bytes"))
+        } else {
+            ApiError::new(e.status(), "malformed", format!("submission: {e}"))
+        }
+    })?;
+    let malformed = |e: &dyn std::fmt::Display| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed",
             format!("submission: {e}"),
         )
+    };
+    let raw: RawSubmit<'_> = serde_json::from_slice(&body).map_err(|e| malformed(&e))?;
+    // The rules an agent applies, in its order: the size of the envelope's bytes first.
+    let envelope = Envelope::from_slice(raw.envelope.get().as_bytes()).map_err(|e| {
+        if e.reason == ringcast_proto::Reason::TooLarge {
+            too_large(e.detail.clone())
+        } else {
+            ApiError::from(Error::Rejected(e))
+        }
     })?;
-    let (rel, rollout) = app
+    let (rel, rollout, warnings) = app
         .engine
-        .submit(
+        .submit_with_warnings(
             Submit {
-                envelope: req.envelope,
-                start_at: req.start_at,
-                activate_at: req.activate_at,
+                envelope,
+                start_at: raw.start_at,
+                activate_at: raw.activate_at,
             },
             actor,
         )
@@ -477,6 +519,7 @@ async fn submit_release(
     Ok(Json(SubmitResponse {
         release: ReleaseView::from(&rel),
         rollout: rollout_view(&app, &rollout),
+        warnings,
     }))
 }
 

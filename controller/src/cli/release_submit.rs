@@ -52,9 +52,12 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
         Ok::<_, ringcast_controller::client::ClientError>((up, resp))
     })??;
     if json {
-        return print_json(
-            &serde_json::json!({ "artifact": up, "release": resp.release, "rollout": resp.rollout }),
-        );
+        return print_json(&serde_json::json!({
+            "artifact": up,
+            "release": resp.release,
+            "rollout": resp.rollout,
+            "warnings": resp.warnings,
+        }));
     }
     if let Some(u) = up {
         println!(
@@ -66,5 +69,8 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
         "release {} submitted; rollout {} is {}",
         resp.release.id, resp.rollout.id, resp.rollout.phase
     );
+    for w in &resp.warnings {
+        eprintln!("warning: {w}");
+    }
     Ok(())
 }
