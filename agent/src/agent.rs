@@ -23,9 +23,8 @@ use ringcast_proto::digest::sha256_hex as digest_hex;
 use ringcast_proto::report::ErrorInfo;
 use ringcast_proto::{
     check_release, in_ramp, verify_directive, Accepted, Action, AgentView, Clock, DeviceIdentity,
-    Envelope, Event,
-    EventKind, Phase, ReleaseRef, Rotation, Schedule, Source, StateReport, SystemClock, Topic,
-    Topics, TrustRoot,
+    Envelope, Event, EventKind, Phase, ReleaseRef, Rotation, Schedule, Source, StateReport,
+    SystemClock, Topic, Topics, TrustRoot,
 };
 use std::path::PathBuf;
 use std::sync::Arc;

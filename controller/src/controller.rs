@@ -185,6 +185,8 @@ impl Controller {
             tokens,
             max_artifact_bytes: config.server.max_artifact_bytes,
             webhooks: webhooks.iter().map(|w| w.status()).collect(),
+            settled: watch::Sender::new(jiff::Timestamp::MIN),
+            fleet_read: Arc::default(),
             policy,
         });
 
@@ -199,7 +201,8 @@ impl Controller {
             shared.counters.clone(),
             shared.wake.clone(),
         )
-        .with_event_history(config.server.device_events.max(1));
+        .with_event_history(config.server.device_events.max(1))
+        .with_fleet_read(shared.fleet_read.clone());
 
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await

@@ -31,6 +31,9 @@ pub enum Inbound {
         /// Payload.
         payload: Vec<u8>,
     },
+    /// A re-read of the retained reports finished: every report the broker kept was sent
+    /// before this marker, so once it is applied the device table is the whole fleet.
+    FleetRead,
 }
 
 /// Applies inbound messages to the device table and batches them into sled.
@@ -45,6 +48,8 @@ pub struct Ingestor {
     pending: std::collections::HashSet<String>,
     /// Each device's bounded event history (this is its only writer).
     history: EventHistory,
+    /// Set once a re-read's reports are all applied (see [`Inbound::FleetRead`]).
+    fleet_read: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Flush the batch when it holds this many devices (or on the flush tick).
@@ -69,7 +74,15 @@ impl Ingestor {
             counters,
             wake,
             pending: std::collections::HashSet::new(),
+            fleet_read: Arc::default(),
         }
+    }
+
+    /// Raise `flag` when a re-read's reports are all applied (the engine's
+    /// [`crate::shared::Shared::fleet_read`]).
+    pub fn with_fleet_read(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Ingestor {
+        self.fleet_read = flag;
+        self
     }
 
     /// Keep the newest `limit` events per device (default [`crate::store::EVENT_HISTORY`]).
@@ -248,6 +261,12 @@ impl Ingestor {
                         if self.pending.len() >= BATCH {
                             if let Err(e) = self.flush() { warn!(error = %e, "device batch write failed"); }
                         }
+                    }
+                    Some(Inbound::FleetRead) => {
+                        if !self.fleet_read.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                            info!(devices = self.devices.read().map(|d| d.len()).unwrap_or(0), "fleet view complete");
+                        }
+                        self.wake.notify_one();
                     }
                     None => break,
                 },

@@ -238,6 +238,13 @@ impl Conn {
                     }
                 }
                 Action::Finished(s) => {
+                    // After every report of the re-read in the ingest channel.
+                    if let Err(mpsc::error::TrySendError::Full(m)) =
+                        self.w.tx.try_send(Inbound::FleetRead)
+                    {
+                        let tx = self.w.tx.clone();
+                        tokio::spawn(async move { tx.send(m).await });
+                    }
                     let c = &self.w.counters;
                     c.rereads.fetch_add(1, Ordering::Relaxed);
                     c.reread_paged

@@ -8,11 +8,12 @@ use crate::config::{Policy, TokenEntry};
 use crate::engine::Snapshot;
 use crate::model::DeviceRecord;
 use crate::store::Store;
+use jiff::Timestamp;
 use ringcast_proto::{Clock, SecretKey, Topics, TrustRoot};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -80,4 +81,23 @@ pub struct Shared {
     pub max_artifact_bytes: u64,
     /// Webhook delivery progress (for `/metrics`).
     pub webhooks: Vec<Arc<crate::webhook::WebhookStatus>>,
+    /// The clock reading of the last engine tick that was decided and carried out in full
+    /// (persisted, published, checks started): see [`Shared::settled`].
+    pub settled: watch::Sender<Timestamp>,
+    /// Whether the device table holds the whole fleet: false from start until the first
+    /// re-read of the broker's retained reports is applied. Until then a report missing from
+    /// the table may only be late, so the engine takes no decision from an absence (a bake
+    /// does not lose its gate, a gate is not declared unreachable).
+    pub fleet_read: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Shared {
+    /// Wait until the engine has decided and carried out a tick at or after `at`: the
+    /// "settled" signal for tests and tools that change the clock or the fleet and must know
+    /// the engine has looked, without sleeping.
+    pub async fn settled(&self, at: Timestamp) {
+        let mut rx = self.settled.subscribe();
+        // The sender lives as long as `self`; an error would mean it was dropped.
+        let _ = rx.wait_for(|t| *t >= at).await;
+    }
 }

@@ -66,7 +66,12 @@ async fn three_of_ten_reverted_halts_within_a_second_and_rolls_back() {
         (t.failed == 2).then_some(())
     })
     .await;
-    assert_eq!(phase(&h, &bad.id), "baking", "2 of 10 is not above 0.2");
+    settle(&w, &h).await;
+    assert_eq!(
+        phase(&h, &bad.id),
+        "publishing",
+        "2 of 10 is not above 0.2, and nobody committed yet"
+    );
     let t0 = Instant::now();
     fleet
         .report("canary-2", "canary", Some(&bad.id), Phase::Reverted, 3)
@@ -143,7 +148,7 @@ async fn halt_without_rollback_publishes_hold_and_outer_rings_never_see_it() {
     })
     .await;
     w.advance("1d");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settle(&w, &h).await;
     assert!(watch.get("broad").is_none());
     h.shutdown().await;
 }
@@ -168,8 +173,9 @@ async fn controller_killed_mid_bake_resumes_same_step_and_loses_no_report() {
         (count_phase(&h, &ro.id, Phase::Committed) == 6).then_some(())
     })
     .await;
+    wait_baking(&h, &ro.id, "canary", 0).await;
     w.advance("20m");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle(&w, &h).await;
     let before = rollout(&h, &ro.id);
     let seq_before = watch.get("canary").unwrap().sequence;
     h.shutdown().await;
@@ -226,7 +232,7 @@ async fn audit_verify_names_the_entry_after_any_single_byte_change_in_the_db() {
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settle(&w, &h).await;
     h.shutdown().await;
     let bin = env!("CARGO_BIN_EXE_ringcast");
     let run = || {
@@ -456,7 +462,7 @@ async fn restart_with_a_policy_that_lost_the_ring_stops_the_rollout_instead_of_g
     fleet
         .report("canary-0", "canary", Some(&ro.id), Phase::Committed, 2)
         .await;
-    wait_step(&h, &ro.id, "canary", 0).await;
+    wait_baking(&h, &ro.id, "canary", 0).await;
     w.advance("10m");
     wait_for(10, "in broad", || {
         matches!(

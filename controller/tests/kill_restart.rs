@@ -116,8 +116,20 @@ gate = {{ min_reports = 1, max_failure_rate = 0.2 }}
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let before = client.rollout(&id).await.unwrap();
-    assert_eq!(before.phase, "baking");
+    // The gate is met: the engine starts the bake at its next evaluation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        let r = client.rollout(&id).await.unwrap();
+        if r.phase == "baking" {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not baking 10s after the gate was met: {}",
+            r.phase
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
 
     // SIGKILL mid-bake: no shutdown, no flush.
     let mut s = s;
@@ -156,4 +168,134 @@ gate = {{ min_reports = 1, max_failure_rate = 0.2 }}
         .filter(|e| e.action == "publish" && e.ring.as_deref() == Some("broad"))
         .count();
     assert_eq!(publishes, 1);
+}
+
+/// Persist before acknowledging (issue 9): `ringcast serve` SIGKILLed the moment it has
+/// answered a submit or an approve restarts with that submission or approval in place, every
+/// time. Each round submits a release (superseding the last, `on_new_release = "supersede"`),
+/// kills the controller on the 200, restarts it, approves the manual canary ring, kills it on
+/// that 200 and restarts it again. `RINGCAST_CRASH_ROUNDS` sets the rounds (default 50).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_right_after_an_acknowledged_submit_or_approve_loses_neither() {
+    let w = World::new();
+    let token = |t: &str| ringcast_proto::digest::sha256_hex(t.as_bytes());
+    std::fs::write(
+        w.dir.path().join("ringcast.toml"),
+        format!(
+            r#"
+fleet = "lab"
+tick = "50ms"
+on_new_release = "supersede"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "data"
+trust = "trust.json"
+controller_key = "controller.key"
+[[token]]
+name = "otto"
+role = "operator"
+sha256 = "{op}"
+[[token]]
+name = "alice"
+role = "approver"
+sha256 = "{ap}"
+[broker]
+host = "127.0.0.1"
+port = {port}
+watch_drops = false
+persistent_session = false
+[[rings]]
+name = "canary"
+promotion = "manual"
+bake = "1h"
+gate = {{ min_reports = 1, max_failure_rate = 0.2 }}
+"#,
+            op = token(OPERATOR),
+            ap = token(APPROVER),
+            port = w.broker_port
+        ),
+    )
+    .unwrap();
+    let rounds: u64 = std::env::var("RINGCAST_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let kill = |mut s: Serve| {
+        s.0.kill().unwrap();
+        s.0.wait().unwrap();
+    };
+    let (mut s, mut url) = serve(&w);
+    for round in 0..rounds {
+        let seq = round + 2;
+        let op = ringcast_controller::client::Client::new(&url, Some(OPERATOR.into()));
+        let mut r = ringcast_proto::testkit::sample_release("app", seq, 1);
+        r.issued_at = jiff::Timestamp::now();
+        let resp = op
+            .submit(&ringcast_controller::api::SubmitRequest {
+                envelope: r.sign(&[&w.fx.release]),
+                start_at: None,
+                activate_at: None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: submit: {e}"));
+        kill(s); // on the acknowledgement, before anything else can happen
+        let id = resp.rollout.id;
+
+        (s, url) = serve(&w);
+        let viewer = ringcast_controller::client::Client::new(&url, Some(OPERATOR.into()));
+        let got = viewer
+            .rollout(&id)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: acknowledged submit of {id} lost: {e}"));
+        assert_eq!(got.release_id, format!("app-{seq}"), "round {round}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while viewer.rollout(&id).await.unwrap().phase != "waiting_approval" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: {id} never waited for approval"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let approver = ringcast_controller::client::Client::new(&url, Some(APPROVER.into()));
+        approver
+            .act(&id, "approve", None)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: approve: {e}"));
+        kill(s);
+
+        (s, url) = serve(&w);
+        let viewer = ringcast_controller::client::Client::new(&url, Some(OPERATOR.into()));
+        let got = viewer.rollout(&id).await.unwrap();
+        assert!(
+            got.rings
+                .iter()
+                .any(|r| r.name == "canary" && r.approval.as_ref().is_some_and(|a| a.by == "alice")),
+            "round {round}: acknowledged approval of {id} lost: {:?}",
+            got.rings
+        );
+        // The approval is on disk; the rollout enters the ring at the first tick.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while viewer.rollout(&id).await.unwrap().phase == "waiting_approval" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: approved {id} still waits for approval after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Every acknowledged action is in the (intact) audit log, once.
+    let log = ringcast_controller::client::Client::new(&url, Some(OPERATOR.into()))
+        .audit()
+        .await
+        .unwrap();
+    let entries = ringcast_controller::audit::verify(&log).expect("audit intact");
+    let count = |a: &str| {
+        entries
+            .iter()
+            .filter(|e| e.action == a && e.outcome == "ok")
+            .count() as u64
+    };
+    assert_eq!(count("approve"), rounds);
+    assert_eq!(count("release_submit"), rounds);
+    drop(s);
 }

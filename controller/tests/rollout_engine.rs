@@ -45,7 +45,7 @@ async fn release_walks_canary_early_broad_with_no_human_action() {
         (count_phase(&h, &id, Phase::Committed) == 4).then_some(())
     })
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    wait_baking(&h, &id, "canary", 0).await;
     assert_eq!(
         watch.get("canary").unwrap().percent.as_f64(),
         50.0,
@@ -56,6 +56,7 @@ async fn release_walks_canary_early_broad_with_no_human_action() {
         watch.get("canary").filter(|d| d.percent.as_f64() == 100.0)
     })
     .await;
+    wait_baking(&h, &id, "canary", 1).await;
     w.advance("30m");
     wait_for(10, "early directive", || watch.get("early")).await;
     assert!(watch.get("broad").is_none());
@@ -63,11 +64,13 @@ async fn release_walks_canary_early_broad_with_no_human_action() {
     fleet
         .report_all("early", 4, Some(&id), Phase::Committed, 2)
         .await;
+    wait_baking(&h, &id, "early", 0).await;
     w.advance("1h");
     wait_for(10, "broad directive", || watch.get("broad")).await;
     fleet
         .report_all("broad", 4, Some(&id), Phase::Committed, 2)
         .await;
+    wait_baking(&h, &id, "broad", 0).await;
     w.advance("1h");
     wait_for(10, "completed", || {
         (phase(&h, &id) == "completed").then_some(())
@@ -108,14 +111,19 @@ async fn gate_never_promotes_on_too_little_evidence() {
     })
     .await;
     w.advance("1h");
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    settle(&w, &h).await;
     assert!(
         watch.get("broad").is_none(),
         "promoted with 2 of 3 required commits"
     );
+    assert_eq!(phase(&h, &ro.id), "publishing", "no bake without the gate");
     fleet
         .report("canary-2", "canary", Some(&ro.id), Phase::Committed, 2)
         .await;
+    // The bake starts now, when the gate is first met, not when the step was published.
+    wait_baking(&h, &ro.id, "canary", 0).await;
+    assert!(watch.get("broad").is_none(), "promoted without a bake");
+    w.advance("10m");
     wait_for(10, "broad directive", || watch.get("broad")).await;
     h.shutdown().await;
 }
@@ -144,13 +152,14 @@ async fn manual_ring_waits_for_an_approver_and_operator_gets_403() {
     fleet
         .report("canary-0", "canary", Some(&id), Phase::Committed, 2)
         .await;
+    wait_baking(&h, &id, "canary", 0).await;
     w.advance("10m");
     wait_for(10, "waiting approval", || {
         (phase(&h, &id) == "waiting_approval").then_some(())
     })
     .await;
     w.advance("1d");
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    settle(&w, &h).await;
     assert!(
         watch.get("broad").is_none(),
         "manual ring published without approval"
@@ -214,7 +223,8 @@ async fn delivery_window_follows_berlin_time_across_dst() {
         "2027-04-02T23:59:00Z",
     ] {
         w.clock.set(ts(t));
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        settle(&w, &h).await;
+        assert_eq!(phase(&h, &ro.id), "waiting_window", "at {t}");
         assert!(
             watch.get("canary").is_none(),
             "published outside the window at {t}"
@@ -271,17 +281,19 @@ async fn store_scheduled_release_stages_first_and_activates_together() {
     })
     .await;
     w.advance("1h");
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    settle(&w, &h).await;
     assert_eq!(count_phase(&h, &ro.id, Phase::Committed), 0);
     assert_eq!(
         phase(&h, &ro.id),
-        "baking",
-        "staged devices are not success"
+        "publishing",
+        "staged devices are not success: no bake yet"
     );
     w.clock.set(at);
     let p = step(Phase::Committed);
     assert_eq!(p, Phase::Committed);
     fleet.report_all("canary", 3, Some(&ro.id), p, 2).await;
+    wait_baking(&h, &ro.id, "canary", 0).await;
+    w.advance("10m");
     wait_for(10, "completed", || {
         (phase(&h, &ro.id) == "completed").then_some(())
     })
@@ -312,13 +324,13 @@ async fn failing_acceptance_check_holds_the_ring_and_passing_one_promotes() {
     fleet
         .report("canary-0", "canary", Some(&ro.id), Phase::Committed, 2)
         .await;
+    wait_baking(&h, &ro.id, "canary", 0).await;
     w.advance("10m");
     wait_for(10, "checks failed", || {
         (phase(&h, &ro.id) == "checks_failed").then_some(())
     })
     .await;
-    w.advance("1h");
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    settle(&w, &h).await;
     assert!(
         watch.get("broad").is_none(),
         "promoted past a failing check"
@@ -331,7 +343,77 @@ async fn failing_acceptance_check_holds_the_ring_and_passing_one_promotes() {
     .await;
     let entries = ringcast_controller::audit::verify(&h.shared().audit.export().unwrap()).unwrap();
     assert!(entries.iter().any(|e| e.action == "checks_failed"));
-    assert!(entries.iter().any(|e| e.action == "checks_passed"));
+    let at = |action: &str| {
+        entries
+            .iter()
+            .position(|e| e.action == action && e.ring.as_deref() == Some("canary"))
+            .unwrap_or_else(|| panic!("no {action} for canary in the audit log"))
+    };
+    assert!(
+        at("checks_passed") < at("promote"),
+        "promote audited before checks_passed"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_that_keeps_failing_halts_after_its_attempts_with_the_ring_list() {
+    let w = World::new();
+    let seen = w.dir.path().join("devices-seen");
+    let mut canary = ring("canary", &[100.0], "10m", 2, 0.2);
+    // Fails every time, after writing what it was given: the ring's device list.
+    canary.checks = vec![Check {
+        name: "suite".into(),
+        kind: CheckKind::Command,
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "cp \"$RINGCAST_DEVICES_FILE\" {}; echo attempt $RINGCAST_ATTEMPT; exit 1",
+                seen.display()
+            ),
+        ],
+        url: None,
+        timeout: Dur::secs(10),
+    }];
+    canary.check_attempts = 2;
+    canary.check_retry = Dur::secs(60);
+    let h = w
+        .start(w.config(vec![canary, ring("broad", &[100.0], "10m", 1, 0.2)]))
+        .await;
+    let watch = Watcher::start(&w).await;
+    let fleet = Fleet::connect(&w).await;
+    let (_, ro) = w.submit_now(&h, 2).await;
+    wait_for(10, "canary directive", || watch.get("canary")).await;
+    fleet
+        .report_all("canary", 2, Some(&ro.id), Phase::Committed, 2)
+        .await;
+    wait_baking(&h, &ro.id, "canary", 0).await;
+    w.advance("10m");
+    wait_for(10, "first attempt failed", || {
+        (phase(&h, &ro.id) == "checks_failed").then_some(())
+    })
+    .await;
+    let list = std::fs::read_to_string(&seen).unwrap();
+    let mut devices: Vec<&str> = list.lines().collect();
+    devices.sort_unstable();
+    assert_eq!(
+        devices,
+        ["canary-0", "canary-1"],
+        "the check got the ring's devices"
+    );
+    w.advance("1m");
+    wait_for(10, "halted after the last attempt", || {
+        (phase(&h, &ro.id) == "halted").then_some(())
+    })
+    .await;
+    let r = rollout(&h, &ro.id);
+    let reason = match &r.state {
+        ringcast_controller::model::RolloutState::Halted { reason } => reason.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(reason.contains("suite") && reason.contains("2"), "{reason}");
+    assert!(watch.get("broad").is_none());
     h.shutdown().await;
 }
 
@@ -351,16 +433,13 @@ async fn pause_stops_progress_resume_continues_abort_holds() {
     fleet
         .report("canary-0", "canary", Some(&ro.id), Phase::Committed, 2)
         .await;
-    wait_for(10, "report", || {
-        (count_phase(&h, &ro.id, Phase::Committed) == 1).then_some(())
-    })
-    .await;
+    wait_baking(&h, &ro.id, "canary", 0).await;
     h.engine()
         .act(ro.id.clone(), RolloutAction::Pause, None, ops())
         .await
         .unwrap();
     w.advance("1h");
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    settle(&w, &h).await;
     assert!(watch.get("broad").is_none(), "paused rollout promoted");
     h.engine()
         .act(ro.id.clone(), RolloutAction::Resume, None, ops())
@@ -515,7 +594,7 @@ async fn scheduled_rollout_publishes_nothing_before_its_start() {
         .await
         .unwrap();
     w.advance("1h59m");
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    settle(&w, &h).await;
     assert_eq!(phase(&h, &ro.id), "pending");
     assert!(
         watch.get("canary").is_none(),

@@ -63,25 +63,49 @@ pub fn port_of(url: &str) -> Result<u16> {
         .ok_or_else(|| HarnessError::Mqtt(format!("no port in {url}")))
 }
 
-/// Publish `msgs` (retained, QoS 1) from `parallel` plain connections at once, a burst no
-/// single connection makes; returns when the broker acknowledged everything.
+/// Publish `msgs` retained from `parallel` connections at once (a burst no single connection
+/// can make), each publisher on a thread and runtime of its own, so the burst goes out even
+/// while the caller's runtime is busy; returns when the broker acknowledged every message.
 pub async fn burst(
     port: u16,
     msgs: Vec<(String, Vec<u8>)>,
     parallel: usize,
     timeout: Duration,
 ) -> Result<()> {
+    tokio::task::spawn_blocking(move || burst_blocking(port, msgs, parallel, timeout))
+        .await
+        .map_err(|e| HarnessError::Mqtt(format!("publisher task: {e}")))?
+}
+
+/// [`burst`] from a plain thread: for a test that blocks the controller's runtime on purpose
+/// (a stalled controller) and publishes while it is blocked.
+pub fn burst_blocking(
+    port: u16,
+    msgs: Vec<(String, Vec<u8>)>,
+    parallel: usize,
+    timeout: Duration,
+) -> Result<()> {
     let per = msgs.len().div_ceil(parallel.max(1)).max(1);
-    let mut tasks = Vec::new();
+    let mut threads = Vec::new();
     for (k, chunk) in msgs.chunks(per).enumerate() {
         let chunk = chunk.to_vec();
-        tasks.push(tokio::spawn(async move {
-            publish_all(&format!("burst-{k}"), port, chunk, true, timeout).await
+        threads.push(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| HarnessError::io("a runtime for a burst publisher", e))?;
+            rt.block_on(publish_all(
+                &format!("burst-{k}"),
+                port,
+                chunk,
+                true,
+                timeout,
+            ))
         }));
     }
-    for t in tasks {
-        t.await
-            .map_err(|e| HarnessError::Mqtt(format!("publisher task: {e}")))??;
+    for t in threads {
+        t.join()
+            .map_err(|_| HarnessError::Mqtt("a burst publisher panicked".into()))??;
     }
     Ok(())
 }

@@ -219,17 +219,6 @@ async fn a_burst_the_broker_dropped_while_the_controller_stalled_is_read_again()
     let rereads_before = c.rereads.load(Ordering::Relaxed);
 
     // The controller stalls while the whole fleet reports at once.
-    let devices = stage.controller().shared().devices.clone();
-    let (held_tx, held_rx) = tokio::sync::oneshot::channel();
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    let stall = tokio::task::spawn_blocking(move || {
-        let guard = devices.write().unwrap_or_else(|p| p.into_inner());
-        let _ = held_tx.send(());
-        // Until the whole burst is on the broker (bounded, should the test fail first).
-        let _ = release_rx.recv_timeout(Duration::from_secs(120));
-        drop(guard);
-    });
-    held_rx.await.expect("the device table is held");
     // Reports with 1.5 KB of error detail: 20,000 of them outgrow every socket buffer and the
     // controller's inbound channel while it stalls.
     let fat: Vec<(String, Vec<u8>)> = (0..N)
@@ -243,11 +232,22 @@ async fn a_burst_the_broker_dropped_while_the_controller_stalled_is_read_again()
             (topics.state(&d), r.to_bytes())
         })
         .collect();
-    burst(&stage, fat, 4).await;
-    // Mosquitto acknowledges a publish once it has queued it for every subscriber: the
-    // whole burst now waits for (or was dropped by) the stalled controller.
-    let _ = release_tx.send(());
-    stall.await.expect("stall task");
+    // The stall holds the device table from a plain thread and publishes the burst from
+    // there: the controller's tasks (and this runtime's workers with them) block on the
+    // table, so nothing that needs this runtime may run until the burst is on the broker.
+    // Mosquitto acknowledges a publish once it has queued it for every subscriber: when the
+    // burst returns it waits for (or was dropped by) the stalled controller.
+    let devices = stage.controller().shared().devices.clone();
+    let stall = tokio::task::spawn_blocking(move || {
+        let guard = devices.write().unwrap_or_else(|p| p.into_inner());
+        let sent = synthetic::burst_blocking(port, fat, 4, Duration::from_secs(120));
+        drop(guard);
+        sent
+    });
+    stall
+        .await
+        .expect("stall task")
+        .unwrap_or_else(|e| panic!("burst publisher failed: {e}"));
 
     stage
         .wait_until("every report of the burst, dropped or not", 180, |s| {

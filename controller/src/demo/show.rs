@@ -590,17 +590,7 @@ async fn roll(
                 ));
             }
         }
-        let terminal = !matches!(
-            view.phase.as_str(),
-            "queued"
-                | "pending"
-                | "waiting_window"
-                | "waiting_approval"
-                | "baking"
-                | "checking"
-                | "checks_failed"
-        );
-        if terminal {
+        if !view.state.is_live() {
             break;
         }
         if Instant::now() > deadline {

@@ -93,6 +93,7 @@ impl Engine {
 
     /// Decide one input and carry it out (see the module docs for the order).
     async fn step(&mut self, input: Input, reply: Option<oneshot::Sender<Result<Reply>>>) {
+        let tick = matches!(input, Input::Tick);
         let input = self.with_facts(input);
         let now = self.shared.clock.now();
         let decided = {
@@ -105,6 +106,11 @@ impl Engine {
                 &devices,
                 &self.shared.store,
                 self.shared.policy.unresponsive_after.signed(),
+            )
+            .complete(
+                self.shared
+                    .fleet_read
+                    .load(std::sync::atomic::Ordering::SeqCst),
             );
             self.core.handle(input, now, &fleet)
         };
@@ -120,11 +126,8 @@ impl Engine {
             if let Err(e) = self.persist(now, &decided.changes, &records).await {
                 error!(error = %e, "persisting a decision failed; it is undone");
                 self.reload();
-                match reply {
-                    Some(tx) => {
-                        let _ = tx.send(Err(e));
-                    }
-                    None => {}
+                if let Some(tx) = reply {
+                    let _ = tx.send(Err(e));
                 }
                 return;
             }
@@ -178,6 +181,9 @@ impl Engine {
                     });
                 }
             }
+        }
+        if tick {
+            self.shared.settled.send_replace(now);
         }
     }
 

@@ -575,6 +575,11 @@ impl Core {
                     return false;
                 }
                 if !gate_met(&t, rp, last_step) {
+                    if !fleet.is_complete() {
+                        // Reports may still be on their way (a restart re-reads them): a
+                        // device's absence is no evidence yet; the bake clock keeps its start.
+                        return false;
+                    }
                     // The gate must hold through the bake: back to waiting for it.
                     out.audit(Record::auto(
                         "gate_lost",
@@ -654,18 +659,14 @@ impl Core {
         out: &mut Out,
     ) -> bool {
         let last_step = step + 1 == rp.steps.len();
-        if !gate_unreachable(t, rp, last_step) {
+        // Unreachable means "too few devices left to commit": not decidable on a partial table.
+        if !fleet.is_complete() || !gate_unreachable(t, rp, last_step) {
             return false;
         }
         let refusals = fleet.refusals(r, &rp.name, rp.steps[step]);
         let failures = fleet.failure_evidence(r, &rp.name);
-        let reason = unreachable_reason(
-            &rp.name,
-            t,
-            needed(t, rp, last_step),
-            &refusals,
-            &failures,
-        );
+        let reason =
+            unreachable_reason(&rp.name, t, needed(t, rp, last_step), &refusals, &failures);
         self.halt(r, &rp.name, reason, true, now, out);
         true
     }
@@ -801,10 +802,15 @@ impl Core {
         now: Timestamp,
         out: &mut Out,
     ) -> Result<()> {
-        let r = self.state.rollouts.get(id).cloned().ok_or(Error::NotFound {
-            what: "rollout",
-            id: id.into(),
-        })?;
+        let r = self
+            .state
+            .rollouts
+            .get(id)
+            .cloned()
+            .ok_or(Error::NotFound {
+                what: "rollout",
+                id: id.into(),
+            })?;
         let waiting = matches!(
             &r.state,
             RolloutState::Active {
@@ -926,7 +932,9 @@ impl Core {
         out: &mut Out,
     ) {
         warn!(rollout_id = %r.id, %ring, %reason, "halting rollout");
-        let on_failure = self.ring_policy(ring).map_or(OnFailure::Halt, |p| p.on_failure);
+        let on_failure = self
+            .ring_policy(ring)
+            .map_or(OnFailure::Halt, |p| p.on_failure);
         let rollback_to = self
             .state
             .last_good
@@ -1265,10 +1273,15 @@ impl Core {
         now: Timestamp,
         out: &mut Out,
     ) -> Result<Rollout> {
-        let r = self.state.rollouts.get(id).cloned().ok_or(Error::NotFound {
-            what: "rollout",
-            id: id.into(),
-        })?;
+        let r = self
+            .state
+            .rollouts
+            .get(id)
+            .cloned()
+            .ok_or(Error::NotFound {
+                what: "rollout",
+                id: id.into(),
+            })?;
         if !r.state.is_live() {
             return Err(Error::conflict(
                 "rollout_finished",

@@ -132,6 +132,8 @@ impl Changes {
 }
 
 /// The answer to an operator command.
+// One value per command, moved once and never stored: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Reply {
     /// Submitted: the release, its rollout, and warnings for the operator.

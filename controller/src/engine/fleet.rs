@@ -55,6 +55,7 @@ pub struct Fleet<'a> {
     devices: &'a HashMap<String, DeviceRecord>,
     events: &'a dyn EventLookup,
     unresponsive_after: SignedDuration,
+    complete: bool,
 }
 
 impl<'a> Fleet<'a> {
@@ -68,7 +69,21 @@ impl<'a> Fleet<'a> {
             devices,
             events,
             unresponsive_after,
+            complete: true,
         }
+    }
+
+    /// Mark whether the table holds the whole fleet (see [`Fleet::is_complete`]).
+    pub fn complete(mut self, complete: bool) -> Fleet<'a> {
+        self.complete = complete;
+        self
+    }
+
+    /// Whether the table holds the whole fleet. After a restart it may not yet (the broker's
+    /// retained reports are still being re-read): then no decision may rest on a device's
+    /// absence.
+    pub fn is_complete(&self) -> bool {
+        self.complete
     }
 
     /// The ring's tally for `rollout` at the ramp `percent`.
@@ -166,7 +181,12 @@ impl<'a> Fleet<'a> {
 
     /// The devices of `ring` in the ramp `percent` that refused `rollout`'s directive, with
     /// their reason (at most [`MAX_EVIDENCE`], by id).
-    pub fn refusals(&self, rollout: &Rollout, ring: &str, percent: Percent) -> Vec<FailureEvidence> {
+    pub fn refusals(
+        &self,
+        rollout: &Rollout,
+        ring: &str,
+        percent: Percent,
+    ) -> Vec<FailureEvidence> {
         let mut v: Vec<FailureEvidence> = self
             .devices
             .values()

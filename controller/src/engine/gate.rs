@@ -37,8 +37,7 @@ pub fn tally(
             continue;
         }
         t.in_ramp += 1;
-        if r
-            .refused
+        if r.refused
             .as_ref()
             .is_some_and(|x| x.rollout_id == rollout.id)
         {
@@ -271,11 +270,21 @@ mod tests {
         let mut devices = HashMap::new();
         for i in 0..200 {
             let id = format!("dev-{i}");
-            devices.insert(id.clone(), device(&id, report(Phase::Committed, "r1"), now).1);
+            devices.insert(
+                id.clone(),
+                device(&id, report(Phase::Committed, "r1"), now).1,
+            );
         }
         let ten = Percent::from_f64(10.0).unwrap();
         let in_ten = devices.keys().filter(|d| in_ramp("r1", d, ten)).count() as u32;
-        let tl = tally(&devices, &r, "canary", ten, now, SignedDuration::from_hours(1));
+        let tl = tally(
+            &devices,
+            &r,
+            "canary",
+            ten,
+            now,
+            SignedDuration::from_hours(1),
+        );
         assert_eq!(tl.devices, 200);
         assert_eq!(tl.in_ramp, in_ten);
         assert_eq!(
@@ -297,7 +306,14 @@ mod tests {
             reason: ringcast_proto::Reason::RollbackFloor,
             detail: "below the floor".into(),
         });
-        let tl = tally(&devices, &r, "canary", ten, now, SignedDuration::from_hours(1));
+        let tl = tally(
+            &devices,
+            &r,
+            "canary",
+            ten,
+            now,
+            SignedDuration::from_hours(1),
+        );
         assert_eq!(tl.refused, 1);
         assert_eq!(tl.committed, in_ten - 1);
         assert_eq!(tl.pending, 0);

@@ -9,6 +9,7 @@ use ringcast_controller::config::{
 };
 use ringcast_controller::{Controller, ControllerHandle};
 use ringcast_proto::testkit::{self, Fixture};
+use ringcast_proto::Clock as _;
 use ringcast_proto::{
     Directive, Dur, Envelope, FakeClock, Percent, Phase, ReleaseRef, StateReport, Topics,
 };
@@ -401,9 +402,8 @@ pub fn rollout(h: &ControllerHandle, id: &str) -> ringcast_controller::model::Ro
         .expect("rollout exists")
 }
 
-/// Wait until the engine has published `ring`'s step `step` of rollout `id`. Advance the fake
-/// clock only after this: a bake counts from the step's publication, so advancing before the
-/// engine's next tick has published it would start the bake after the jump.
+/// Wait until the engine has published `ring`'s step `step` of rollout `id`. (To jump the
+/// clock past a bake, wait for [`wait_baking`] instead: a bake counts from the gate.)
 pub async fn wait_step(h: &ControllerHandle, id: &str, ring: &str, step: usize) {
     wait_for(10, &format!("{ring} step {step} published"), || {
         rollout(h, id)
@@ -411,6 +411,41 @@ pub async fn wait_step(h: &ControllerHandle, id: &str, ring: &str, step: usize) 
             .iter()
             .any(|s| s.ring == ring && s.step == step)
             .then_some(())
+    })
+    .await;
+}
+
+/// Wait (at most 10 s, then fail) until the engine has decided and carried out a tick at the
+/// fake clock's current time: the "settled" signal after a clock jump or a report, for
+/// assertions that something did NOT happen.
+pub async fn settle(w: &World, h: &ControllerHandle) {
+    let at = w.clock.now();
+    if tokio::time::timeout(Duration::from_secs(10), h.shared().settled(at))
+        .await
+        .is_err()
+    {
+        panic!("the engine did not carry out a tick at {at} within 10s");
+    }
+}
+
+/// Wait until `ring`'s step `step` of rollout `id` bakes: its gate is met and the bake clock
+/// runs (or the step is already behind it). Advance the fake clock past a bake only after
+/// this: a bake counts from the moment its gate is first met, so a jump taken before the
+/// engine has seen the commits is a jump the bake never sees.
+pub async fn wait_baking(h: &ControllerHandle, id: &str, ring: &str, step: usize) {
+    use ringcast_controller::model::{RolloutState, Stage};
+    wait_for(10, &format!("{ring} step {step} baking"), || {
+        let r = rollout(h, id);
+        let here = matches!(
+            &r.state,
+            RolloutState::Active { ring: g, step: s, stage: Stage::Baking { .. } | Stage::Checking { .. } }
+                if g == ring && *s == step
+        );
+        let passed = r
+            .history
+            .iter()
+            .any(|s| s.ring == ring && s.step == step && s.passed_at.is_some());
+        (here || passed || !r.state.is_live()).then_some(())
     })
     .await;
 }
