@@ -7,8 +7,11 @@
 //! every effect the core returns, and turns the common moves into one call (`submit`,
 //! `tick`, `report`, `approve`, `checks_done`, `restart`).
 
+mod approvals;
 mod bakes;
 mod gates;
+mod halts;
+mod operator;
 mod windows;
 
 use super::core::{Core, CoreConfig};
