@@ -9,9 +9,12 @@
 
 mod approvals;
 mod bakes;
+mod checks;
 mod gates;
 mod halts;
+mod new_release;
 mod operator;
+mod submit;
 mod windows;
 
 use super::core::{Core, CoreConfig};
