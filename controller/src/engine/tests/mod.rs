@@ -14,6 +14,7 @@ mod gates;
 mod halts;
 mod new_release;
 mod operator;
+mod restarts;
 mod submit;
 mod windows;
 
