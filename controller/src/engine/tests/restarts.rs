@@ -130,6 +130,42 @@ fn a_restart_resigns_what_stands_with_a_higher_sequence() {
     );
 }
 
+#[test]
+fn a_restart_while_checks_run_runs_them_again() {
+    let mut h = Harness::new(two_rings());
+    h.devices("canary", 2);
+    let id = h.submit(2);
+    h.eval();
+    h.report_all("canary", Phase::Committed);
+    h.eval();
+    h.tick(hours(1));
+    assert_eq!(h.check_runs(), vec![(id.clone(), "canary".into(), 1)]);
+    // The run in flight died with the old process: nothing would ever report attempt 1.
+    h.restart();
+    assert_eq!(
+        h.check_runs(),
+        vec![
+            (id.clone(), "canary".into(), 1),
+            (id.clone(), "canary".into(), 1)
+        ],
+        "the new engine runs the awaited attempt again"
+    );
+    let devices = h
+        .last
+        .effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::RunChecks {
+                devices, checks, ..
+            } => Some((devices.clone(), checks.len())),
+            _ => None,
+        })
+        .expect("asked for on start");
+    assert_eq!(devices, (h.ring_devices("canary"), 1));
+    h.checks_done(&id, "canary", 1, Ok(())).expect("awaited");
+    assert_eq!(h.position(&id).map(|p| p.0), Some("broad".into()));
+}
+
 // ----- rings by name -------------------------------------------------------------------------
 
 /// canary, broad, fleet (automatic); the rollout passed canary and publishes on broad.
