@@ -217,6 +217,35 @@ impl Core {
                 _ => {}
             }
         }
+        // Acceptance checks that were running died with the process that ran them, and their
+        // result is what the rollout waits for: run the awaited attempt again.
+        let checking: Vec<(String, String, String, u32)> = self
+            .state
+            .rollouts
+            .values()
+            .filter_map(|r| match &r.state {
+                RolloutState::Active {
+                    ring,
+                    stage: Stage::Checking { attempt, .. },
+                    ..
+                } => Some((r.id.clone(), ring.clone(), r.release_id.clone(), *attempt)),
+                _ => None,
+            })
+            .collect();
+        for (rollout, ring, release, attempt) in checking {
+            let Some(checks) = policy.ring(&ring).map(|rp| rp.checks.clone()) else {
+                continue;
+            };
+            info!(rollout_id = %rollout, %ring, attempt, "acceptance checks run again");
+            out.effects.push(Effect::RunChecks {
+                devices: fleet.ring_devices(&ring),
+                rollout,
+                ring,
+                release,
+                attempt,
+                checks,
+            });
+        }
         for (ring, min, known) in self.undersized_rings(fleet) {
             warn!(
                 ring,

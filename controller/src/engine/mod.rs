@@ -26,6 +26,8 @@ pub mod fleet;
 pub mod gate;
 pub mod halt;
 pub mod insight;
+#[cfg(test)]
+mod tests;
 
 pub use actor::Engine;
 pub use gate::{gate_crossed, gate_met, tally};
