@@ -120,17 +120,35 @@ pub struct RingPolicy {
     /// Runs of the acceptance checks before the ring's `on_failure` applies (at least 1).
     #[serde(default = "default_check_attempts")]
     pub check_attempts: u32,
-    /// Longest a step may wait for its gate after its directive went out; then the rollout
-    /// ends with the reason (the ring's `on_failure`). `0s` = no limit.
-    #[serde(default = "default_step_timeout")]
-    pub step_timeout: Dur,
+    /// Longest a step may wait for its gate after its directive went out (or since the
+    /// rollout was last resumed); then the rollout ends with the reason (the ring's
+    /// `on_failure`). `0s` = no limit. Unset: see [`RingPolicy::step_timeout`].
+    #[serde(default, rename = "step_timeout")]
+    pub step_timeout_setting: Option<Dur>,
+}
+
+/// `step_timeout` of a ring without delivery windows, when the policy sets none.
+pub const DEFAULT_STEP_TIMEOUT: Dur = Dur::secs(24 * 3600);
+/// `step_timeout` of a ring with delivery windows, when the policy sets none: a week of
+/// windows (a weekly window can leave a device waiting six days) and a day to report.
+pub const DEFAULT_WINDOWED_STEP_TIMEOUT: Dur = Dur::secs(8 * 24 * 3600);
+
+impl RingPolicy {
+    /// The step timeout in force: the policy's, or a default that fits the ring's windows
+    /// ([`DEFAULT_STEP_TIMEOUT`], or [`DEFAULT_WINDOWED_STEP_TIMEOUT`] for a ring with
+    /// delivery windows, whose devices may wait days for one).
+    pub fn step_timeout(&self) -> Dur {
+        self.step_timeout_setting
+            .unwrap_or(if self.windows.is_empty() {
+                DEFAULT_STEP_TIMEOUT
+            } else {
+                DEFAULT_WINDOWED_STEP_TIMEOUT
+            })
+    }
 }
 
 fn default_check_attempts() -> u32 {
     3
-}
-fn default_step_timeout() -> Dur {
-    Dur::secs(24 * 3600)
 }
 
 fn default_steps() -> Vec<Percent> {

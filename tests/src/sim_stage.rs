@@ -86,7 +86,7 @@ pub fn ring(
         checks: Vec::new(),
         check_retry: Dur::secs(60),
         check_attempts: 3,
-        step_timeout: Dur::secs(24 * 3600),
+        step_timeout_setting: None,
     }
 }
 

@@ -314,7 +314,7 @@ pub fn policy(sizes: &[(String, usize)], bake: Duration) -> Policy {
             checks: Vec::new(),
             check_retry: Dur::secs(60),
             check_attempts: 3,
-            step_timeout: Dur::secs(24 * 3600),
+            step_timeout_setting: None,
         })
         .collect();
     Policy {

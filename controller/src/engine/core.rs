@@ -589,10 +589,10 @@ impl Core {
                     );
                     return true;
                 }
-                let limit = rp.step_timeout.signed();
+                let limit = rp.step_timeout().signed();
                 if !limit.is_zero() && now.duration_since(since) >= limit {
                     let need = needed(&t, rp, last_step);
-                    let reason = timeout_reason(&ring, &t, need, &rp.step_timeout.to_string());
+                    let reason = timeout_reason(&ring, &t, need, &rp.step_timeout().to_string());
                     self.halt(r, &ring, reason, true, now, out);
                     return false;
                 }
@@ -1383,6 +1383,15 @@ impl Core {
                     ));
                 }
                 next.paused = false;
+                // A pause stops the step's timeout: it starts over now. (A bake keeps its
+                // start: the gate held, or was re-checked, all along.)
+                if let RolloutState::Active { stage, .. } = &mut next.state {
+                    match stage {
+                        Stage::Publishing { since } => *since = now,
+                        Stage::Baking { published, .. } => *published = Some(now),
+                        _ => {}
+                    }
+                }
             }
             RolloutAction::Abort => {
                 next.state = RolloutState::Aborted;

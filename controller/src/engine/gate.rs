@@ -121,7 +121,7 @@ mod tests {
             checks: vec![],
             check_retry: Dur::secs(60),
             check_attempts: 3,
-            step_timeout: Dur::secs(3600),
+            step_timeout_setting: Some(Dur::secs(3600)),
         }
     }
 

@@ -59,7 +59,7 @@ pub fn ring(name: &str, steps: &[f64], bake: &str, min_reports: u32, max_rate: f
         checks: vec![],
         check_retry: Dur::secs(60),
         check_attempts: 3,
-        step_timeout: Dur::secs(24 * 3600),
+        step_timeout_setting: None,
     }
 }
 

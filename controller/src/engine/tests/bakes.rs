@@ -91,10 +91,58 @@ fn a_gate_lost_during_the_bake_goes_back_to_publishing_and_the_bake_restarts() {
 }
 
 #[test]
+fn a_restart_that_has_not_reread_the_fleet_keeps_the_bake_clock() {
+    let mut h = Harness::new(policy(vec![ring("canary"), ring("broad")]));
+    let devs = h.devices("canary", 2);
+    let id = h.submit(2);
+    h.eval();
+    h.report(&devs[0], Phase::Committed);
+    h.report(&devs[1], Phase::Committed);
+    h.tick(mins(10));
+    let baking = h.position(&id);
+    assert!(
+        matches!(baking, Some((_, 0, Stage::Baking { .. }))),
+        "{baking:?}"
+    );
+
+    // Restarted, and the reports of the last seconds before the crash are not back yet.
+    h.restart();
+    h.fleet_complete = false;
+    let late = h.forget(&devs[1]);
+    h.tick(mins(5));
+    assert_eq!(h.position(&id), baking, "an absence is no evidence yet");
+    assert_eq!(h.audited("gate_lost"), 0);
+
+    // The re-read brings it back: the bake ends at its original time.
+    h.remember(late);
+    h.fleet_complete = true;
+    h.tick(mins(54));
+    assert_eq!(h.phase(&id), "baking", "59 minutes into a one-hour bake");
+    h.tick(mins(1));
+    assert_eq!(h.position(&id).map(|p| p.0), Some("broad".into()));
+}
+
+#[test]
+fn once_the_fleet_is_read_a_missing_commit_loses_the_gate() {
+    let mut h = Harness::new(policy(vec![ring("canary"), ring("broad")]));
+    let devs = h.devices("canary", 2);
+    let id = h.submit(2);
+    h.eval();
+    h.report(&devs[0], Phase::Committed);
+    h.report(&devs[1], Phase::Committed);
+    h.tick(mins(10));
+    assert_eq!(h.phase(&id), "baking");
+    let _ = h.forget(&devs[1]);
+    h.tick(mins(1));
+    assert_eq!(h.phase(&id), "publishing");
+    assert_eq!(h.audited("gate_lost"), 1);
+}
+
+#[test]
 fn step_timeout_ends_a_step_that_cannot_reach_its_gate() {
     let mut canary = ring("canary");
     canary.gate.min_reports = 3;
-    canary.step_timeout = Dur::secs(6 * 3600);
+    canary.step_timeout_setting = Some(Dur::secs(6 * 3600));
     let mut h = Harness::new(policy(vec![canary]));
     let devs = h.devices("canary", 3);
     let id = h.submit(2);
@@ -122,7 +170,7 @@ fn step_timeout_counts_from_the_publish_even_across_a_lost_gate() {
     let mut canary = ring("canary");
     canary.gate.max_failure_rate = 0.5;
     canary.bake = Dur::secs(2 * 3600);
-    canary.step_timeout = Dur::secs(3 * 3600);
+    canary.step_timeout_setting = Some(Dur::secs(3 * 3600));
     let mut h = Harness::new(policy(vec![canary]));
     let devs = h.devices("canary", 3);
     let id = h.submit(2);
@@ -150,7 +198,7 @@ fn step_timeout_counts_from_the_publish_even_across_a_lost_gate() {
 #[test]
 fn a_zero_step_timeout_waits_for_the_gate_without_limit() {
     let mut canary = ring("canary");
-    canary.step_timeout = Dur::secs(0);
+    canary.step_timeout_setting = Some(Dur::secs(0));
     let mut h = Harness::new(policy(vec![canary]));
     let devs = h.devices("canary", 2);
     let id = h.submit(2);

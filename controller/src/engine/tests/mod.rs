@@ -73,7 +73,7 @@ pub(super) fn ring(name: &str) -> RingPolicy {
         checks: vec![],
         check_retry: Dur::secs(300),
         check_attempts: 3,
-        step_timeout: Dur::secs(24 * 3600),
+        step_timeout_setting: None,
     }
 }
 
@@ -150,6 +150,8 @@ pub(super) struct Harness {
     /// The rollout `report` reports for: the last one submitted.
     pub(super) rollout: String,
     report_seq: u64,
+    /// Whether the device table holds the whole fleet (false: a restart still re-reading).
+    pub(super) fleet_complete: bool,
 }
 
 impl Harness {
@@ -180,6 +182,7 @@ impl Harness {
             last: Last::default(),
             rollout: String::new(),
             report_seq: 0,
+            fleet_complete: true,
         }
     }
 
@@ -189,7 +192,8 @@ impl Harness {
 
     /// Decide `input` at the harness's clock; keep its effects.
     pub(super) fn handle(&mut self, input: Input) -> Result<Reply> {
-        let fleet = Fleet::new(&self.devices, &self.events, self.unresponsive_after());
+        let fleet = Fleet::new(&self.devices, &self.events, self.unresponsive_after())
+            .complete(self.fleet_complete);
         let Decided {
             effects,
             changes,
@@ -273,6 +277,19 @@ impl Harness {
     }
 
     /// `device` reports `phase` for the last submitted rollout.
+    /// Forget `device` (its report has not been re-read yet after a restart); returns its
+    /// record for [`Harness::remember`].
+    pub(super) fn forget(&mut self, device: &str) -> DeviceRecord {
+        self.devices
+            .remove(device)
+            .unwrap_or_else(|| panic!("unknown device {device}"))
+    }
+
+    /// Put back a record [`Harness::forget`] took (the re-read brought it back).
+    pub(super) fn remember(&mut self, record: DeviceRecord) {
+        self.devices.insert(record.id.clone(), record);
+    }
+
     pub(super) fn report(&mut self, device: &str, phase: Phase) {
         let rollout = self.rollout.clone();
         self.report_for(device, &rollout, phase);

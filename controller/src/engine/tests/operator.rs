@@ -34,7 +34,8 @@ fn a_paused_rollout_makes_no_progress_until_resumed() {
             0,
             Stage::Baking {
                 since: h.now,
-                published: Some(h.rollout(&id).history[0].published_at)
+                // The step's timeout counts from the resume, not from the publish.
+                published: Some(h.now)
             }
         )),
         "the bake starts at resume"
@@ -69,6 +70,38 @@ fn a_paused_rollout_does_not_time_out_its_step() {
     h.act(&id, RolloutAction::Pause).expect("paused");
     h.tick(hours(48));
     assert_eq!(h.phase(&id), "publishing");
+    // Resumed, the step gets its whole timeout again (24 h by default), not none at all.
+    h.act(&id, RolloutAction::Resume).expect("resumed");
+    h.tick(hours(23));
+    assert_eq!(
+        h.phase(&id),
+        "publishing",
+        "timed out by the time spent paused"
+    );
+    h.tick(hours(1));
+    assert_eq!(h.phase(&id), "halted");
+    assert!(h.stop_reason(&id).contains("after 1d"), "{}", h.stop_reason(&id));
+}
+
+#[test]
+fn a_ring_with_delivery_windows_waits_days_for_its_devices_by_default() {
+    use crate::config::{DEFAULT_STEP_TIMEOUT, DEFAULT_WINDOWED_STEP_TIMEOUT};
+    let mut weekly = ring("canary");
+    assert_eq!(weekly.step_timeout(), DEFAULT_STEP_TIMEOUT);
+    weekly.windows = vec![Window::parse("Mon 00:00-02:00").unwrap()];
+    assert_eq!(weekly.step_timeout(), DEFAULT_WINDOWED_STEP_TIMEOUT);
+    // The test kit's "now" is Monday 00:00Z: inside the window.
+    let mut h = Harness::new(policy(vec![weekly]));
+    h.devices("canary", 2);
+    let id = h.submit(2);
+    h.eval();
+    assert_eq!(h.phase(&id), "publishing");
+    // Devices that missed this Monday's window install next Monday: still in time.
+    h.tick(hours(7 * 24 + 1));
+    assert_eq!(h.phase(&id), "publishing");
+    h.report_all("canary", Phase::Committed);
+    h.eval();
+    assert_eq!(h.phase(&id), "baking");
 }
 
 fn smoke() -> Check {
