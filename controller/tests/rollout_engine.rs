@@ -607,3 +607,164 @@ async fn scheduled_rollout_publishes_nothing_before_its_start() {
     .await;
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_check_is_posted_the_ring_its_devices_and_the_attempt() {
+    use std::sync::{Arc, Mutex};
+    let got: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = got.clone();
+    // Refuses the first attempt, accepts the second.
+    let app = axum::Router::new().route(
+        "/accept",
+        axum::routing::post(move |axum::Json(v): axum::Json<serde_json::Value>| {
+            let seen = seen.clone();
+            async move {
+                let mut s = seen.lock().unwrap();
+                s.push(v);
+                if s.len() == 1 {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let w = World::new();
+    let mut canary = ring("canary", &[100.0], "10m", 2, 0.2);
+    canary.checks = vec![Check {
+        name: "acceptance".into(),
+        kind: CheckKind::Http,
+        command: vec![],
+        url: Some(format!("http://{addr}/accept")),
+        timeout: Dur::secs(10),
+    }];
+    canary.check_retry = Dur::secs(60);
+    let h = w
+        .start(w.config(vec![canary, ring("broad", &[100.0], "10m", 1, 0.2)]))
+        .await;
+    let watch = Watcher::start(&w).await;
+    let fleet = Fleet::connect(&w).await;
+    let (_, ro) = w.submit_now(&h, 2).await;
+    wait_for(10, "canary directive", || watch.get("canary")).await;
+    fleet
+        .report_all("canary", 2, Some(&ro.id), Phase::Committed, 2)
+        .await;
+    wait_baking(&h, &ro.id, "canary", 0).await;
+    w.advance("10m");
+    wait_for(10, "first attempt refused (503)", || {
+        (phase(&h, &ro.id) == "checks_failed").then_some(())
+    })
+    .await;
+    w.advance("1m");
+    wait_for(10, "broad after the second attempt", || watch.get("broad")).await;
+    let bodies = got.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    for (i, b) in bodies.iter().enumerate() {
+        assert_eq!(b["ring"], "canary");
+        assert_eq!(b["rollout"], ro.id.as_str());
+        assert_eq!(b["release"], "app-2");
+        assert_eq!(b["attempt"], i + 1);
+        let mut devices: Vec<&str> = b["devices"]
+            .as_array()
+            .expect("devices is a list")
+            .iter()
+            .filter_map(|d| d.as_str())
+            .collect();
+        devices.sort_unstable();
+        assert_eq!(devices, ["canary-0", "canary-1"]);
+    }
+    h.shutdown().await;
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_applies_every_rule_an_agent_applies_before_anything_changes() {
+    let w = World::new();
+    let h = w
+        .start(w.config(vec![ring("canary", &[100.0], "10m", 1, 0.2)]))
+        .await;
+    let url = format!("{}/api/v1/releases", h.http_url());
+    let http = reqwest::Client::new();
+    let post = |body: Vec<u8>| {
+        http.post(&url)
+            .bearer_auth(OPERATOR)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let answer = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        (status, v["error"].as_str().unwrap_or_default().to_owned())
+    };
+    // An envelope over the agents' 64 KiB (88 kB on the wire) inside a body under the
+    // request limit: refused on its size, before its signatures are even looked at.
+    let mut big = w.release(2);
+    big.payload = vec![b' '; 66_000];
+    let body = serde_json::to_vec(&serde_json::json!({ "envelope": big })).unwrap();
+    assert!(body.len() > 88_000 && body.len() < ringcast_controller::api::SUBMIT_BODY_LIMIT);
+    assert_eq!(
+        answer(post(body).await.unwrap()).await,
+        (413, "too_large".into())
+    );
+    // A body over the request limit is refused while it is read.
+    assert_eq!(
+        answer(post(vec![b' '; 300_000]).await.unwrap()).await,
+        (413, "too_large".into())
+    );
+    assert!(h.shared().state.read().unwrap().releases.is_empty());
+
+    // Sequence 1 after 5 is refused even though release app-1 exists already.
+    let op = api(&h, OPERATOR);
+    for seq in [1, 5] {
+        op.submit(&ringcast_controller::api::SubmitRequest {
+            envelope: w.release(seq),
+            start_at: None,
+            activate_at: None,
+        })
+        .await
+        .unwrap();
+    }
+    let e = op
+        .submit(&ringcast_controller::api::SubmitRequest {
+            envelope: w.release(1),
+            start_at: None,
+            activate_at: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("sequence_not_increasing"), "{e}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_warns_of_a_ring_smaller_than_its_gate() {
+    let w = World::new();
+    let h = w
+        .start(w.config(vec![ring("canary", &[100.0], "10m", 5, 0.2)]))
+        .await;
+    let fleet = Fleet::connect(&w).await;
+    fleet.report_all("canary", 2, None, Phase::Idle, 1).await;
+    wait_for(10, "2 devices known", || {
+        (h.shared().devices.read().unwrap().len() == 2).then_some(())
+    })
+    .await;
+    let resp = api(&h, OPERATOR)
+        .submit(&ringcast_controller::api::SubmitRequest {
+            envelope: w.release(2),
+            start_at: None,
+            activate_at: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(resp.warnings.len(), 1, "{:?}", resp.warnings);
+    let warning = &resp.warnings[0];
+    assert!(
+        warning.contains("canary") && warning.contains('2') && warning.contains('5'),
+        "{warning}"
+    );
+    h.shutdown().await;
+}

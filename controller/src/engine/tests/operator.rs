@@ -80,7 +80,11 @@ fn a_paused_rollout_does_not_time_out_its_step() {
     );
     h.tick(hours(1));
     assert_eq!(h.phase(&id), "halted");
-    assert!(h.stop_reason(&id).contains("after 1d"), "{}", h.stop_reason(&id));
+    assert!(
+        h.stop_reason(&id).contains("after 1d"),
+        "{}",
+        h.stop_reason(&id)
+    );
 }
 
 #[test]
