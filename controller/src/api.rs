@@ -1200,6 +1200,7 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
                     ("failed", t.failed),
                     ("pending", t.pending),
                     ("unresponsive", t.unresponsive),
+                    ("refused", t.refused),
                     ("in_ramp", t.in_ramp),
                 ] {
                     ring_lines.push(format!(
