@@ -557,6 +557,20 @@ impl Stage {
         self.clock.advance(d.signed());
     }
 
+    /// Wait (at most 10 s, then fail) until the controller's engine has decided and carried
+    /// out a tick at its clock's current reading: the "settled" signal for asserting that
+    /// something did not happen.
+    pub async fn settle(&self) {
+        use ringcast_proto::Clock as _;
+        let at = self.clock.now();
+        if tokio::time::timeout(Duration::from_secs(10), self.controller().shared().settled(at))
+            .await
+            .is_err()
+        {
+            panic!("the engine did not carry out a tick at {at} within 10s\n{}", self.dump());
+        }
+    }
+
     /// Devices the controller has a state report from.
     pub fn known_devices(&self) -> usize {
         self.controller()
