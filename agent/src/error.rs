@@ -90,6 +90,21 @@ impl Error {
     }
 }
 
+impl From<ringcast_io::fs::FsError> for Error {
+    fn from(e: ringcast_io::fs::FsError) -> Error {
+        use ringcast_io::fs::FsError;
+        match e {
+            // The agent never refuses overwrites today; should it, the kind keeps the meaning.
+            FsError::Exists { path } => Error::io(
+                "link",
+                path,
+                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            ),
+            FsError::Io { op, path, source } => Error::Io { op, path, source },
+        }
+    }
+}
+
 /// Whether an I/O error means the filesystem is full (ACCEPTANCE.md case 17).
 pub fn is_disk_full(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
@@ -97,3 +112,25 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
 
 /// Result alias for the agent library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_file_step_keeps_its_step_path_and_disk_full_code() {
+        let d = tempfile::tempdir().unwrap();
+        // A non-empty directory where the file should go: rename(2) must fail.
+        let p = d.path().join("busy");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(p.join("inside"), b"x").unwrap();
+        let err = Error::from(ringcast_io::fs::write_atomic(&p, b"data").unwrap_err());
+        assert_eq!(err.code(), "io_error");
+        assert!(err.to_string().starts_with("rename "), "{err}");
+        assert!(err.to_string().contains("busy"), "{err}");
+
+        let full =
+            ringcast_io::fs::FsError::io("write", "/data/x", std::io::Error::from_raw_os_error(28));
+        assert_eq!(Error::from(full).code(), "disk_full");
+    }
+}

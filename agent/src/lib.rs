@@ -73,7 +73,6 @@ pub mod cmd;
 pub mod config;
 pub mod download;
 pub mod error;
-pub mod fsutil;
 pub mod health;
 pub mod http;
 pub mod install;

@@ -8,7 +8,8 @@
 //!   re-read of retained reports at every connect and after the broker dropped messages.
 //! - [`api`]: `/api/v1`, `/metrics`, `/artifacts/sha256/{hex}`, dashboard.
 //! - [`audit`]: the hash-chained audit log and its verifier.
-//! - [`store`], [`model`], [`artifacts`], [`fsutil`]: persistence.
+//! - [`store`], [`model`], [`artifacts`]: persistence (files are written crash-safely by
+//!   [`ringcast_io::fs`]).
 //! - [`broker`]: the embedded rumqttd.
 //! - [`client`]: the HTTP client the CLI uses.
 //! - [`webhook`]: HMAC-signed webhooks fed from the audit log.
@@ -26,7 +27,6 @@ pub mod controller;
 pub mod demo;
 pub mod engine;
 pub mod error;
-pub mod fsutil;
 pub mod ingest;
 pub mod keyfile;
 pub mod model;
