@@ -110,6 +110,52 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
 }
 
+/// Why an in-process fleet ([`crate::fleet`]) could not be built or steered.
+#[cfg(feature = "fleet")]
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// Fewer devices than rings: every ring needs at least one.
+    #[error("{devices} devices cannot fill {rings} rings")]
+    TooFewDevices {
+        /// Devices asked for.
+        devices: usize,
+        /// Rings to fill.
+        rings: usize,
+    },
+    /// No device with this id in the fleet.
+    #[error("no device {0} in the fleet")]
+    NoDevice(String),
+    /// One device's agent could not be prepared, started or stopped.
+    #[error("device {device}: {source}")]
+    Agent {
+        /// The device.
+        device: String,
+        /// The agent's error.
+        #[source]
+        source: Error,
+    },
+}
+
+#[cfg(feature = "fleet")]
+impl FleetError {
+    /// The stable `snake_case` reason code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FleetError::TooFewDevices { .. } => "too_few_devices",
+            FleetError::NoDevice(_) => "no_device",
+            FleetError::Agent { source, .. } => source.code(),
+        }
+    }
+
+    /// An [`FleetError::Agent`] for the device `cfg` configures.
+    pub fn agent(cfg: &crate::AgentConfig, source: Error) -> FleetError {
+        FleetError::Agent {
+            device: cfg.device_id.clone(),
+            source,
+        }
+    }
+}
+
 /// Result alias for the agent library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -14,11 +14,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Name of the marker file that makes the simulator's healthy app fail its health check on
-/// one device: `{install_root}/fail-health` (the check finds it two levels above its
-/// `releases/{version}/` directory). A real check on a real file, so a simulated failure goes
-/// through exactly the code a real one does.
-pub const FAIL_MARKER: &str = "fail-health";
+// The marker the fleet puts on devices meant to fail; the healthy app's check looks for it.
+use ringcast_agent::fleet::FAIL_MARKER;
 
 /// Fresh keys for the three roles and the trust root that lists them (thresholds of one).
 pub struct Keys {
@@ -123,7 +120,8 @@ impl Keys {
 /// How an app bundle's `health.sh` behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppHealth {
-    /// Passes, unless the device carries the [`FAIL_MARKER`] (the simulator's failure rate).
+    /// Passes, unless the device carries the fleet's [`FAIL_MARKER`] (the simulator's failure
+    /// rate).
     Healthy,
     /// Always fails, with a message on stderr (the demo's broken v3).
     Broken,

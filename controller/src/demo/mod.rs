@@ -2,13 +2,9 @@
 //!
 //! - [`kit`]: fresh keys and a trust root written as files, a tiny "app" bundle (tar.gz with
 //!   a `health.sh`) and its release manifest.
-//! - [`fleet`]: N real agents (the `ringcast-agent` library) in one process, each with its
-//!   own MQTT connection, data directory, installer root and store; a chosen share of them
-//!   made to fail their health check.
 //! - [`show`]: the demo itself — embedded broker, controller, fleet; v1, v2 and a broken v3;
 //!   progress per ring; a summary that is checked, not just printed.
 
-pub mod fleet;
 pub mod kit;
 pub mod show;
 
@@ -28,9 +24,9 @@ pub enum DemoError {
         /// The cause.
         source: std::io::Error,
     },
-    /// An agent could not be built or stopped.
-    #[error("agent: {0}")]
-    Agent(#[from] ringcast_agent::Error),
+    /// The fleet of agents ([`ringcast_agent::fleet`]) could not be built or steered.
+    #[error("fleet: {0}")]
+    Fleet(#[from] ringcast_agent::error::FleetError),
     /// The controller failed.
     #[error("controller: {0}")]
     Controller(#[from] crate::Error),
@@ -59,7 +55,7 @@ impl DemoError {
         match self {
             DemoError::Setup(_) => "setup_failed",
             DemoError::Io { .. } => "io_error",
-            DemoError::Agent(_) => "agent_error",
+            DemoError::Fleet(_) => "fleet_error",
             DemoError::Controller(_) => "controller_error",
             DemoError::Api(_) => "api_error",
             DemoError::Timeout(_) => "timeout",

@@ -5,7 +5,6 @@
 //! rollout before it reaches `early`. [`run`] returns a [`Summary`] whose `problems` list
 //! everything that did not behave as described; the command exits 0 only when it is empty.
 
-use super::fleet::{self, Fleet, FleetSpec, StoreKind};
 use super::kit::{self, AppHealth, AppRelease, KeyFiles, Keys};
 use super::{DemoError, Result};
 use crate::api::{RolloutView, SubmitRequest};
@@ -16,6 +15,7 @@ use crate::config::{
 };
 use crate::{Controller, ControllerHandle};
 use jiff::SignedDuration;
+use ringcast_agent::fleet::{self, Fleet, FleetSpec, StoreKind};
 use ringcast_proto::{Clock, Dur, Percent, Phase, StateReport, SystemClock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
