@@ -22,12 +22,12 @@
 //! exactly how a device learns about time.
 
 use crate::lab::MosquittoLab;
+use ringcast::kit::{self, AppHealth, AppRelease, KeyFiles, Keys};
 use ringcast_agent::fleet::{self, Customize, Fleet, FleetSpec, StoreKind};
 use ringcast_controller::config::{
     BrokerConfig, BrokerTls, ControllerConfig, Gate, OnFailure, Policy, Promotion, RingPolicy,
     ServerConfig,
 };
-use ringcast_controller::demo::kit::{self, AppHealth, AppRelease, KeyFiles, Keys};
 use ringcast_controller::engine::{Actor, Submit};
 use ringcast_controller::model::Rollout;
 use ringcast_controller::{Controller, ControllerHandle};

@@ -6,10 +6,10 @@
 //! controller's device table must show that device `idle` on its release with no target —
 //! not `staged` on the bad release for ever (issue 8, item 4).
 
+use ringcast::kit::AppHealth;
 use ringcast_agent::fleet::{self, StoreKind};
 use ringcast_agent::{AgentConfig, AgentHandle};
 use ringcast_controller::config::OnFailure;
-use ringcast_controller::demo::kit::AppHealth;
 use ringcast_proto::jiff::{civil::Weekday, tz::TimeZone, Timestamp};
 use ringcast_proto::{Phase, StateReport, SystemClock, Window};
 use ringcast_tests::sim_stage::{ring, BrokerKind, Stage, StageSpec};

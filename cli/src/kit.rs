@@ -2,9 +2,9 @@
 //! trust root (written as key files the way `ringcast key gen` and `trust init` write them), and
 //! a tiny "app" bundle per release with a `health.sh` the agents run during probation.
 
-use super::{DemoError, Result};
-use crate::keyfile::{self, Overwrite};
+use crate::demo::{DemoError, Result};
 use jiff::{SignedDuration, Timestamp};
+use ringcast_controller::keyfile::{self, Overwrite};
 use ringcast_proto::release::{
     Artifact, ArtifactFormat, CheckKind, Health, HealthCheck, Install, InstallKind,
 };

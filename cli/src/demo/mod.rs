@@ -1,16 +1,12 @@
-//! `ringcast demo` and the pieces the fleet simulator and the end-to-end scenarios share.
-//!
-//! - [`kit`]: fresh keys and a trust root written as files, a tiny "app" bundle (tar.gz with
-//!   a `health.sh`) and its release manifest.
-//! - [`show`]: the demo itself — embedded broker, controller, fleet; v1, v2 and a broken v3;
-//!   progress per ring; a summary that is checked, not just printed.
+//! `ringcast demo`: [`show`] is the demo itself — embedded broker, controller, a fleet of
+//! real agents ([`ringcast_agent::fleet`]); v1, v2 and a broken v3 built with
+//! [`crate::kit`]; progress per ring; a summary that is checked, not just printed.
 
-pub mod kit;
 pub mod show;
 
 use std::path::{Path, PathBuf};
 
-/// Errors of the demo and the simulator, with stable reason codes.
+/// Errors of the demo and of [`crate::kit`], with stable reason codes.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     /// Something could not be prepared (keys, bundles, directories).
@@ -29,10 +25,10 @@ pub enum DemoError {
     Fleet(#[from] ringcast_agent::error::FleetError),
     /// The controller failed.
     #[error("controller: {0}")]
-    Controller(#[from] crate::Error),
+    Controller(#[from] ringcast_controller::Error),
     /// The controller's API refused or was unreachable.
     #[error("api: {0}")]
-    Api(#[from] crate::client::ClientError),
+    Api(#[from] ringcast_controller::client::ClientError),
     /// Something did not happen in time.
     #[error("timed out: {0}")]
     Timeout(String),

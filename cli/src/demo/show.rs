@@ -5,17 +5,17 @@
 //! rollout before it reaches `early`. [`run`] returns a [`Summary`] whose `problems` list
 //! everything that did not behave as described; the command exits 0 only when it is empty.
 
-use super::kit::{self, AppHealth, AppRelease, KeyFiles, Keys};
 use super::{DemoError, Result};
-use crate::api::{RolloutView, SubmitRequest};
-use crate::client::Client;
-use crate::config::{
+use crate::kit::{self, AppHealth, AppRelease, KeyFiles, Keys};
+use jiff::SignedDuration;
+use ringcast_agent::fleet::{self, Fleet, FleetSpec, StoreKind};
+use ringcast_controller::api::{RolloutView, SubmitRequest};
+use ringcast_controller::client::Client;
+use ringcast_controller::config::{
     ApiRole, ControllerConfig, Gate, OnFailure, Policy, Promotion, RingPolicy, ServerConfig,
     TokenEntry,
 };
-use crate::{Controller, ControllerHandle};
-use jiff::SignedDuration;
-use ringcast_agent::fleet::{self, Fleet, FleetSpec, StoreKind};
+use ringcast_controller::{Controller, ControllerHandle};
 use ringcast_proto::{Clock, Dur, Percent, Phase, StateReport, SystemClock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -357,7 +357,7 @@ async fn setup(opts: &Options, screen: &mut Screen) -> Result<World> {
             tokens_file: None,
             public_url: None,
             max_artifact_bytes: 16 * 1024 * 1024,
-            device_events: crate::store::EVENT_HISTORY,
+            device_events: ringcast_controller::store::EVENT_HISTORY,
         },
         broker: None,
         tokens: vec![
