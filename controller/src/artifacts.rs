@@ -23,6 +23,12 @@ pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// Where the controller serves the artifact with this SHA-256, relative to its HTTP address:
+/// `/artifacts/sha256/{hex}` (agents join it to their `artifact_base_url`).
+pub fn url_path(sha256: &str) -> String {
+    format!("/artifacts/sha256/{sha256}")
+}
+
 /// Prefix and suffix of upload temp files. They start with a dot so they can never be taken
 /// for a 64-hex artifact name.
 const TMP_PREFIX: &str = ".upload-";

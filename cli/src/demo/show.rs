@@ -6,7 +6,7 @@
 //! everything that did not behave as described; the command exits 0 only when it is empty.
 
 use super::{DemoError, Result};
-use crate::kit::{self, AppHealth, AppRelease, KeyFiles, Keys};
+use crate::kit::{AppHealth, AppRelease, KeyFiles, Keys};
 use jiff::SignedDuration;
 use ringcast_agent::fleet::{self, Fleet, FleetSpec, StoreKind};
 use ringcast_controller::api::{RolloutView, SubmitRequest};
@@ -518,12 +518,17 @@ async fn roll(
 ) -> Result<ReleaseSummary> {
     let rel = AppRelease::new(APP, step.sequence, CLASS);
     let version = rel.version.to_string();
-    let bytes = kit::app_bundle(&version, step.health)?;
-    let up = w.operator.upload_artifact(bytes.clone()).await?;
     let issued = SystemClock.now() - SignedDuration::from_secs(60);
-    let envelope = rel
-        .manifest(&up.url, &bytes, issued)
-        .sign(&[&w.keys.release]);
+    let app = rel.build(step.health, issued, &w.keys.release)?;
+    let bytes = app.bundle;
+    let up = w.operator.upload_artifact(bytes.clone()).await?;
+    if up.sha256 != app.sha256 || up.url != ringcast_controller::artifacts::url_path(&app.sha256) {
+        return Err(DemoError::Setup(format!(
+            "the controller stored release {version}'s bundle as {} at {}, not as signed ({})",
+            up.sha256, up.url, app.sha256
+        )));
+    }
+    let envelope = app.envelope;
     let what = match step.health {
         AppHealth::Healthy => "healthy",
         AppHealth::Broken => "BROKEN: its health check fails",
