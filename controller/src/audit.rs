@@ -172,7 +172,9 @@ impl AuditLog {
         write: F,
     ) -> Result<u64>
     where
-        F: Fn(&[sled::transaction::TransactionalTree]) -> sled::transaction::ConflictableTransactionResult<(), Error>,
+        F: Fn(
+            &[sled::transaction::TransactionalTree],
+        ) -> sled::transaction::ConflictableTransactionResult<(), Error>,
     {
         let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
         let (mut seq, mut prev) = (head.0, head.1.clone());
@@ -191,8 +193,7 @@ impl AuditLog {
                 detail: r.detail.clone(),
                 prev: prev.clone(),
             };
-            let body =
-                serde_json::to_vec(&entry).map_err(|e| Error::corrupt("audit entry", e))?;
+            let body = serde_json::to_vec(&entry).map_err(|e| Error::corrupt("audit entry", e))?;
             let hash = ringcast_proto::digest::sha256_hex(&body);
             let mut value = hash.clone().into_bytes();
             value.extend_from_slice(&body);

@@ -43,7 +43,8 @@ async fn run_one(c: &Check, cx: &Context<'_>) -> Result<(), String> {
             {
                 use std::io::Write;
                 for d in cx.devices {
-                    writeln!(list, "{d}").map_err(|e| format!("cannot write the device list: {e}"))?;
+                    writeln!(list, "{d}")
+                        .map_err(|e| format!("cannot write the device list: {e}"))?;
                 }
                 list.flush()
                     .map_err(|e| format!("cannot write the device list: {e}"))?;
