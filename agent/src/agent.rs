@@ -9,7 +9,6 @@ use crate::cmd::{self, Subst};
 use crate::config::AgentConfig;
 use crate::download::{self, Complete, Fetch};
 use crate::error::{Error, Result};
-use crate::fsutil;
 use crate::health;
 use crate::install::{FsInstaller, Installer};
 use crate::state::{
@@ -19,6 +18,7 @@ use crate::state::{
 use crate::store::{SledStore, Store};
 use crate::transport::{self, Inbound, TAG_EVENT, TAG_STATE};
 use jiff::{SignedDuration, Timestamp};
+use ringcast_io::fs as fsutil;
 use ringcast_proto::digest::sha256_hex as digest_hex;
 use ringcast_proto::report::ErrorInfo;
 use ringcast_proto::{

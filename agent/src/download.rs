@@ -6,7 +6,7 @@
 //! file for the next attempt; a digest or size mismatch (or a full disk) removes it.
 
 use crate::error::{Error, Result};
-use crate::fsutil;
+use ringcast_io::fs as fsutil;
 use ringcast_proto::{ArtifactVerifier, Reason};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -223,7 +223,7 @@ pub fn finish(c: Complete, dest: &Path) -> Result<()> {
         fsutil::ensure_dir(dir)?;
     }
     std::fs::rename(&c.part, dest).map_err(|e| Error::io("rename", dest, e))?;
-    fsutil::sync_parent(dest)
+    Ok(fsutil::sync_parent(dest)?)
 }
 
 /// Whether an already staged file at `path` still matches (after a crash between the rename

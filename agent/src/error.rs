@@ -90,10 +90,93 @@ impl Error {
     }
 }
 
+impl From<ringcast_io::fs::FsError> for Error {
+    fn from(e: ringcast_io::fs::FsError) -> Error {
+        use ringcast_io::fs::FsError;
+        match e {
+            // The agent never refuses overwrites today; should it, the kind keeps the meaning.
+            FsError::Exists { path } => Error::io(
+                "link",
+                path,
+                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            ),
+            FsError::Io { op, path, source } => Error::Io { op, path, source },
+        }
+    }
+}
+
 /// Whether an I/O error means the filesystem is full (ACCEPTANCE.md case 17).
 pub fn is_disk_full(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
 }
 
+/// Why an in-process fleet ([`crate::fleet`]) could not be built or steered.
+#[cfg(feature = "fleet")]
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// Fewer devices than rings: every ring needs at least one.
+    #[error("{devices} devices cannot fill {rings} rings")]
+    TooFewDevices {
+        /// Devices asked for.
+        devices: usize,
+        /// Rings to fill.
+        rings: usize,
+    },
+    /// No device with this id in the fleet.
+    #[error("no device {0} in the fleet")]
+    NoDevice(String),
+    /// One device's agent could not be prepared, started or stopped.
+    #[error("device {device}: {source}")]
+    Agent {
+        /// The device.
+        device: String,
+        /// The agent's error.
+        #[source]
+        source: Error,
+    },
+}
+
+#[cfg(feature = "fleet")]
+impl FleetError {
+    /// The stable `snake_case` reason code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FleetError::TooFewDevices { .. } => "too_few_devices",
+            FleetError::NoDevice(_) => "no_device",
+            FleetError::Agent { source, .. } => source.code(),
+        }
+    }
+
+    /// An [`FleetError::Agent`] for the device `cfg` configures.
+    pub fn agent(cfg: &crate::AgentConfig, source: Error) -> FleetError {
+        FleetError::Agent {
+            device: cfg.device_id.clone(),
+            source,
+        }
+    }
+}
+
 /// Result alias for the agent library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_file_step_keeps_its_step_path_and_disk_full_code() {
+        let d = tempfile::tempdir().unwrap();
+        // A non-empty directory where the file should go: rename(2) must fail.
+        let p = d.path().join("busy");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(p.join("inside"), b"x").unwrap();
+        let err = Error::from(ringcast_io::fs::write_atomic(&p, b"data").unwrap_err());
+        assert_eq!(err.code(), "io_error");
+        assert!(err.to_string().starts_with("rename "), "{err}");
+        assert!(err.to_string().contains("busy"), "{err}");
+
+        let full =
+            ringcast_io::fs::FsError::io("write", "/data/x", std::io::Error::from_raw_os_error(28));
+        assert_eq!(Error::from(full).code(), "disk_full");
+    }
+}

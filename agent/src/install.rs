@@ -13,8 +13,8 @@
 
 use crate::cmd::{self, Subst};
 use crate::error::{Error, Result};
-use crate::fsutil;
 use crate::state::{release_ref, Installed};
+use ringcast_io::fs as fsutil;
 use ringcast_proto::release::{InstallKind, Release};
 use std::fs::{self, File};
 use std::future::Future;
@@ -113,7 +113,7 @@ impl FsInstaller {
             fsutil::remove_dir_if_exists(&staging)?;
             let res = unpack_tar_gz(artifact, &staging).and_then(|()| {
                 fs::rename(&staging, &dir).map_err(|e| Error::io("rename", &dir, e))?;
-                fsutil::sync_dir(&releases)
+                Ok(fsutil::sync_dir(&releases)?)
             });
             if let Err(e) = res {
                 let _ = fsutil::remove_dir_if_exists(&staging);

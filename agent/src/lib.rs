@@ -16,10 +16,13 @@
 //! - [`log`]: the binary's small text/JSON `tracing` subscriber.
 //! - [`state`]: what is persisted and the phase transition table.
 //! - [`agent`]: [`Agent`], the task that ties it together.
+//! - `fleet` (feature `fleet`, not in the device binary): many real agents in one process,
+//!   the devices of `ringcast demo`, the `ringcast-sim` simulator and the end-to-end
+//!   scenarios.
 //!
 //! # Using it as a library (simulators, `ringcast demo`)
 //! Many agents can run in one tokio process, each with its own MQTT connection, data dir and
-//! store:
+//! store (the `fleet` feature builds whole fleets this way):
 //! ```no_run
 //! # async fn demo(cfg: ringcast_agent::AgentConfig) -> ringcast_agent::Result<()> {
 //! use ringcast_agent::{Agent, Deps, FsInstaller, MemoryStore};
@@ -73,7 +76,8 @@ pub mod cmd;
 pub mod config;
 pub mod download;
 pub mod error;
-pub mod fsutil;
+#[cfg(feature = "fleet")]
+pub mod fleet;
 pub mod health;
 pub mod http;
 pub mod install;

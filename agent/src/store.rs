@@ -40,31 +40,6 @@ const OUTBOX_NEXT: &[u8] = b"";
 /// The lowest message key.
 const FIRST_MSG: [u8; 8] = [0; 8];
 
-/// How long [`open_sled`] waits for a held database lock.
-pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// sled 0.34 reports a held lock as `Io(Other)` with this text and no better handle.
-pub fn is_lock_held(e: &sled::Error) -> bool {
-    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
-}
-
-/// Open a sled database, waiting up to [`LOCK_WAIT`] for a lock that a `Db` being dropped
-/// still holds: sled's flusher and I/O threads keep the file lock for a moment after the last
-/// handle goes (an in-process restart, a tool opening the database the moment a daemon
-/// stopped). A lock held longer is returned as sled reports it; see [`is_lock_held`].
-/// The controller opens its database through this too.
-pub fn open_sled(config: &sled::Config) -> std::result::Result<sled::Db, sled::Error> {
-    let started = std::time::Instant::now();
-    loop {
-        match config.open() {
-            Err(e) if is_lock_held(&e) && started.elapsed() < LOCK_WAIT => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            other => return other,
-        }
-    }
-}
-
 fn store_err(e: sled::Error) -> Error {
     Error::Store(e.to_string())
 }
@@ -78,8 +53,8 @@ impl SledStore {
             .path(dir)
             .cache_capacity(256 * 1024)
             .flush_every_ms(None);
-        let db = open_sled(&config).map_err(|e| {
-            if is_lock_held(&e) {
+        let db = ringcast_io::sled::open(&config).map_err(|e| {
+            if ringcast_io::sled::is_lock_held(&e) {
                 Error::Store(format!(
                     "open {}: the database is locked by another process \
                      (is another ringcast-agent using this data_dir?): {e}",

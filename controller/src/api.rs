@@ -653,7 +653,7 @@ async fn receive_upload(
         },
     );
     Ok(UploadResponse {
-        url: format!("/artifacts/sha256/{}", stored.sha256),
+        url: crate::artifacts::url_path(&stored.sha256),
         sha256: stored.sha256,
         size: stored.size,
     })

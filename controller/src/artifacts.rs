@@ -23,6 +23,12 @@ pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// Where the controller serves the artifact with this SHA-256, relative to its HTTP address:
+/// `/artifacts/sha256/{hex}` (agents join it to their `artifact_base_url`).
+pub fn url_path(sha256: &str) -> String {
+    format!("/artifacts/sha256/{sha256}")
+}
+
 /// Prefix and suffix of upload temp files. They start with a dot so they can never be taken
 /// for a 64-hex artifact name.
 const TMP_PREFIX: &str = ".upload-";
@@ -40,7 +46,7 @@ impl ArtifactStore {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            // Both our upload temps and `fsutil::write_atomic`'s are `.{…}.tmp`.
+            // Both our upload temps and `ringcast_io::fs::write_atomic`'s are `.{…}.tmp`.
             if name.starts_with('.') && name.ends_with(TMP_SUFFIX) {
                 let p = entry.path();
                 match std::fs::remove_file(&p) {
@@ -76,7 +82,7 @@ impl ArtifactStore {
         let hex = ringcast_proto::digest::sha256_hex(bytes);
         let path = self.dir.join(&hex);
         if !self.has(&hex, bytes.len() as u64) {
-            crate::fsutil::write_atomic(&path, bytes)?;
+            ringcast_io::fs::write_atomic(&path, bytes)?;
         }
         Ok(hex)
     }
@@ -353,7 +359,7 @@ impl Upload {
         // Renamed: the temp name no longer exists, nothing for the guard to remove.
         self.guard.0 = None;
         let dir = self.store.dir.clone();
-        tokio::task::spawn_blocking(move || crate::fsutil::sync_dir(&dir))
+        tokio::task::spawn_blocking(move || ringcast_io::fs::fsync_dir(&dir))
             .await
             .map_err(|e| UploadError::Store(Error::io(&self.store.dir, std::io::Error::other(e))))?
             .map_err(|e| UploadError::Store(Error::io(&self.store.dir, e)))?;

@@ -111,5 +111,34 @@ impl Error {
     }
 }
 
+impl From<ringcast_io::fs::FsError> for Error {
+    fn from(e: ringcast_io::fs::FsError) -> Error {
+        use ringcast_io::fs::FsError;
+        match e {
+            FsError::Io { path, source, .. } => Error::io(path, source),
+            // The controller's state writes always overwrite; kept total rather than panicking.
+            FsError::Exists { path } => Error::io(
+                path,
+                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            ),
+        }
+    }
+}
+
 /// Result alias for the controller library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_write_is_an_io_error_naming_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("missing-dir").join("x.json");
+        let err = Error::from(ringcast_io::fs::write_atomic(&p, b"one").unwrap_err());
+        assert_eq!(err.code(), "io");
+        assert!(err.to_string().contains(&p.display().to_string()), "{err}");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+}

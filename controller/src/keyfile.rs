@@ -11,7 +11,7 @@
 //! the old file or the new one, never a torn one.
 
 use ed25519_dalek::VerifyingKey;
-use ringcast_agent::fsutil::{write_atomic_with, WriteError, WriteOptions};
+use ringcast_io::fs::{write_atomic_with, FsError, WriteOptions};
 use ringcast_proto::keys::{public_from_pem, public_to_pem, PublicKey};
 use ringcast_proto::SecretKey;
 use std::fs::File;
@@ -100,15 +100,15 @@ pub enum Overwrite {
 /// Write `bytes` to `path` crash-safely with permission `mode` from creation on: temp file in
 /// the same directory, write, fsync, rename (or link, which fails atomically if the target
 /// exists, when overwriting is refused), fsync the directory. The one implementation is
-/// [`ringcast_agent::fsutil::write_atomic_with`]; this maps its errors to [`KeyFileError`].
+/// [`ringcast_io::fs::write_atomic_with`]; this maps its errors to [`KeyFileError`].
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, overwrite: Overwrite) -> Result<()> {
     let opts = WriteOptions {
         mode: Some(mode),
         overwrite: overwrite == Overwrite::Allow,
     };
     write_atomic_with(path, bytes, &opts).map_err(|e| match e {
-        WriteError::Exists { path } => KeyFileError::Exists { path },
-        WriteError::Io { path, source, .. } => KeyFileError::Io {
+        FsError::Exists { path } => KeyFileError::Exists { path },
+        FsError::Io { path, source, .. } => KeyFileError::Io {
             path,
             error: source,
         },

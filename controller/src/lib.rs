@@ -1,5 +1,7 @@
-//! `ringcast-controller`: the controller daemon (rollout engine, report ingestion, artifact
-//! store, HTTP API, audit log) and the file helpers its command line uses.
+//! `ringcast-controller`: the controller daemon as a library (rollout engine, report
+//! ingestion, artifact store, HTTP API, audit log) and the key files its command line writes.
+//! The `ringcast` binary that runs it (`ringcast serve`) and the operator verbs are the
+//! `ringcast` crate (`cli/`); this crate does not link the agent.
 //!
 //! - [`config`]: `ringcast.toml` (policy, server, broker, tokens).
 //! - [`controller`]: [`Controller::start`] → [`ControllerHandle`], the in-process entry point.
@@ -8,12 +10,12 @@
 //!   re-read of retained reports at every connect and after the broker dropped messages.
 //! - [`api`]: `/api/v1`, `/metrics`, `/artifacts/sha256/{hex}`, dashboard.
 //! - [`audit`]: the hash-chained audit log and its verifier.
-//! - [`store`], [`model`], [`artifacts`], [`fsutil`]: persistence.
+//! - [`store`], [`model`], [`artifacts`]: persistence (files are written crash-safely by
+//!   [`ringcast_io::fs`]).
 //! - [`broker`]: the embedded rumqttd.
-//! - [`client`]: the HTTP client the CLI uses.
+//! - [`client`]: the HTTP client the command line uses.
+//! - [`keyfile`]: PKCS#8 / SubjectPublicKeyInfo key files, written crash-safely.
 //! - [`webhook`]: HMAC-signed webhooks fed from the audit log.
-//! - [`demo`]: `ringcast demo`, and the in-process fleet of real agents the simulator and
-//!   the end-to-end scenarios share.
 
 pub mod api;
 pub mod artifacts;
@@ -23,10 +25,8 @@ pub mod checks;
 pub mod client;
 pub mod config;
 pub mod controller;
-pub mod demo;
 pub mod engine;
 pub mod error;
-pub mod fsutil;
 pub mod ingest;
 pub mod keyfile;
 pub mod model;

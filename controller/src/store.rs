@@ -26,12 +26,12 @@ use tracing::{info, warn};
 pub const EVENT_HISTORY: usize = 50;
 
 /// Open a sled database at `path`, waiting a moment for a lock a closing `Db` still holds
-/// (the agent's [`ringcast_agent::store::open_sled`], shared so both sides behave alike).
+/// ([`ringcast_io::sled::open`], shared with the agent so both sides behave alike).
 pub fn open_sled(
     path: &Path,
     flush_every_ms: Option<u64>,
 ) -> std::result::Result<sled::Db, sled::Error> {
-    ringcast_agent::store::open_sled(
+    ringcast_io::sled::open(
         &sled::Config::new()
             .path(path)
             .flush_every_ms(flush_every_ms),

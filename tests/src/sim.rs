@@ -1,11 +1,11 @@
 //! The fleet simulator's options and measurements (the `ringcast-sim` binary is a thin
 //! wrapper): N real agents in one process over real MQTT connections, each with a temp-dir
 //! installer and a sled or in-memory store, a chosen share of them failing their health
-//! checks. The agents themselves come from [`ringcast_controller::demo::fleet`], which
+//! checks. The agents themselves come from [`ringcast_agent::fleet`], which
 //! `ringcast demo` uses too.
 
 use crate::error::{HarnessError, Result};
-use ringcast_controller::demo::fleet::{Customize, FleetSpec, StoreKind};
+use ringcast_agent::fleet::{Customize, FleetSpec, StoreKind};
 use ringcast_proto::{Phase, StateReport, SystemClock};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,8 +36,7 @@ pub fn parse_rings(spec: &str, total: usize) -> Result<Vec<(String, usize)>> {
                     .map_err(|e| bad(format!("{n}: {e}")))
             })
             .collect::<Result<_>>()?;
-        return ringcast_controller::demo::fleet::split(total, &shares)
-            .map_err(|e| bad(e.to_string()));
+        return ringcast_agent::fleet::split(total, &shares).map_err(|e| bad(e.to_string()));
     }
     parts
         .into_iter()

@@ -22,12 +22,12 @@
 //! exactly how a device learns about time.
 
 use crate::lab::MosquittoLab;
+use ringcast::kit::{AppHealth, AppRelease, KeyFiles, Keys};
+use ringcast_agent::fleet::{self, Customize, Fleet, FleetSpec, StoreKind};
 use ringcast_controller::config::{
     BrokerConfig, BrokerTls, ControllerConfig, Gate, OnFailure, Policy, Promotion, RingPolicy,
     ServerConfig,
 };
-use ringcast_controller::demo::fleet::{self, Customize, Fleet, FleetSpec, StoreKind};
-use ringcast_controller::demo::kit::{self, AppHealth, AppRelease, KeyFiles, Keys};
 use ringcast_controller::engine::{Actor, Submit};
 use ringcast_controller::model::Rollout;
 use ringcast_controller::{Controller, ControllerHandle};
@@ -563,11 +563,17 @@ impl Stage {
     pub async fn settle(&self) {
         use ringcast_proto::Clock as _;
         let at = self.clock.now();
-        if tokio::time::timeout(Duration::from_secs(10), self.controller().shared().settled(at))
-            .await
-            .is_err()
+        if tokio::time::timeout(
+            Duration::from_secs(10),
+            self.controller().shared().settled(at),
+        )
+        .await
+        .is_err()
         {
-            panic!("the engine did not carry out a tick at {at} within 10s\n{}", self.dump());
+            panic!(
+                "the engine did not carry out a tick at {at} within 10s\n{}",
+                self.dump()
+            );
         }
     }
 
@@ -603,17 +609,18 @@ impl Stage {
     ) -> String {
         let mut rel = AppRelease::new(APP, sequence, CLASS);
         tune(&mut rel);
-        let bytes = kit::app_bundle(&rel.version.to_string(), health).expect("bundle");
+        let issued = Timestamp::now() - SignedDuration::from_secs(60);
+        let app = rel
+            .build(health, issued, &self.keys.release)
+            .expect("release built");
         let hex = self
             .controller()
             .shared()
             .artifacts
-            .put(&bytes)
+            .put(&app.bundle)
             .expect("artifact stored");
-        let issued = Timestamp::now() - SignedDuration::from_secs(60);
-        let env = rel
-            .manifest(&format!("/artifacts/sha256/{hex}"), &bytes, issued)
-            .sign(&[&self.keys.release]);
+        assert_eq!(hex, app.sha256, "the store names the bundle by its digest");
+        let env = app.envelope;
         let (_, ro) = self
             .controller()
             .engine()

@@ -5,7 +5,7 @@
 use crate::mqtt::publish_all;
 use crate::sim_stage::{Stage, CLASS, FLEET};
 use crate::{HarnessError, Result};
-use ringcast_controller::demo::fleet::device_id;
+use ringcast_agent::fleet::device_id;
 use ringcast_proto::{Phase, ReleaseRef, StateReport, Topics};
 use std::time::Duration;
 

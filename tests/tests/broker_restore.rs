@@ -5,7 +5,7 @@
 //! that only grows), the agents publish their state again on reconnect so the broker's
 //! retained copy is right again, and the rollout completes.
 
-use ringcast_controller::demo::kit::AppHealth;
+use ringcast::kit::AppHealth;
 use ringcast_proto::{Clock, Percent, Phase, StateReport, Topics};
 use ringcast_tests::sim_stage::{ring, BrokerKind, Stage, StageSpec, FLEET};
 use std::collections::HashMap;

@@ -2,8 +2,8 @@
 //! agent (sled store, real bundle, health check, artifact download) installs the pinned
 //! release its ring does not run and commits it; after unpin it follows its ring again.
 
-use ringcast_controller::demo::fleet::device_id;
-use ringcast_controller::demo::kit::AppHealth;
+use ringcast::kit::AppHealth;
+use ringcast_agent::fleet::device_id;
 use ringcast_controller::engine::Actor;
 use ringcast_proto::{Phase, StateReport};
 use ringcast_tests::sim_stage::{ring, BrokerKind, Stage, StageSpec, APP};

@@ -5,7 +5,7 @@
 //! still bring every report in. Synthetic devices (retained reports published by the test),
 //! a real controller, real brokers.
 
-use ringcast_controller::demo::fleet::device_id;
+use ringcast_agent::fleet::device_id;
 use ringcast_io::mqtt::Protocol;
 use ringcast_proto::{Phase, StateReport, Topics};
 use ringcast_tests::mqtt::publish_all;

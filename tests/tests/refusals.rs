@@ -3,8 +3,8 @@
 //! the refusal, and the controller halts the step the refusals make unreachable, naming
 //! their reason and a device.
 
-use ringcast_controller::demo::fleet::device_id;
-use ringcast_controller::demo::kit::AppHealth;
+use ringcast::kit::AppHealth;
+use ringcast_agent::fleet::device_id;
 use ringcast_controller::model::RolloutState;
 use ringcast_proto::{Phase, Topics};
 use ringcast_tests::sim_stage::{ring, BrokerKind, Stage, StageSpec, FLEET};

@@ -6,9 +6,10 @@
 //! controller's device table must show that device `idle` on its release with no target —
 //! not `staged` on the bad release for ever (issue 8, item 4).
 
-use ringcast_agent::{Agent, AgentConfig, AgentHandle, Deps, FsInstaller, SledStore};
+use ringcast::kit::AppHealth;
+use ringcast_agent::fleet::{self, StoreKind};
+use ringcast_agent::{AgentConfig, AgentHandle};
 use ringcast_controller::config::OnFailure;
-use ringcast_controller::demo::kit::AppHealth;
 use ringcast_proto::jiff::{civil::Weekday, tz::TimeZone, Timestamp};
 use ringcast_proto::{Phase, StateReport, SystemClock, Window};
 use ringcast_tests::sim_stage::{ring, BrokerKind, Stage, StageSpec};
@@ -21,17 +22,8 @@ const STAGED: &str = "canary-100";
 const FAILING: &str = "canary-000";
 
 fn start_agent(cfg: &AgentConfig) -> AgentHandle {
-    std::fs::create_dir_all(&cfg.data_dir).expect("data dir");
-    let deps = Deps {
-        store: Arc::new(SledStore::open(&cfg.data_dir.join("db")).expect("sled store")),
-        clock: Arc::new(SystemClock),
-        installer: Arc::new(FsInstaller::new(
-            cfg.install_root(),
-            cfg.install.command_timeout.get(),
-            cfg.health.output_tail,
-        )),
-    };
-    Agent::new(cfg.clone(), deps).expect("agent").spawn()
+    fleet::start_agent(cfg, StoreKind::Sled, Arc::new(SystemClock))
+        .unwrap_or_else(|e| panic!("agent {}: {e}", cfg.device_id))
 }
 
 /// A window that is certainly closed now and for two days: one minute, three days ahead

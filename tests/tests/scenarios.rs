@@ -57,7 +57,7 @@ async fn rollout_completes_end_to_end() {
 /// halts there, and the demo's own checks find nothing wrong.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_to_a_green_summary() {
-    use ringcast_controller::demo::show::{run, Options};
+    use ringcast::demo::show::{run, Options};
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let opts = Options {
         devices: 6,

@@ -13,7 +13,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use ringcast_controller::demo::fleet::{Fleet, StoreKind};
+use ringcast_agent::fleet::{Fleet, StoreKind};
 use ringcast_tests::sim::{self, SimOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -3,7 +3,7 @@
 //! over mutual TLS). Every case runs the real controller, a real broker and real agents;
 //! each returns early (skipped, with a message) only when Mosquitto is absent outside CI.
 
-use ringcast_controller::demo::kit::AppHealth;
+use ringcast::kit::AppHealth;
 use ringcast_proto::Phase;
 use ringcast_tests::sim_stage::{ring, BrokerKind, Stage, StageSpec, APP};
 use std::time::{Duration, Instant};

@@ -1,17 +1,28 @@
-//! A fleet of real agents in one process: each device is the real agent library with its own
-//! MQTT connection, its own data directory and installer root, and its own store (sled, or in
-//! memory for load runs). `ringcast demo`, the `ringcast-sim` binary and the end-to-end
-//! scenarios all run devices this way.
+//! A fleet of real agents in one process (feature `fleet`): each device is the real agent
+//! library with its own MQTT connection, its own data directory and installer root, and its
+//! own store (sled, or in memory for load runs). `ringcast demo`, the `ringcast-sim` binary
+//! and the end-to-end scenarios all build their devices here, so a simulated device runs
+//! exactly the code a real one does. It lives in the agent crate so that none of them needs
+//! the controller to link the agent.
 
-use super::kit::FAIL_MARKER;
-use super::{DemoError, Result};
-use ringcast_agent::config::AgentConfig;
-use ringcast_agent::{Agent, AgentHandle, Deps, FsInstaller, MemoryStore, SledStore, Store};
+use crate::config::AgentConfig;
+use crate::error::{Error, FleetError};
+use crate::{Agent, AgentHandle, Deps, FsInstaller, MemoryStore, SledStore, Store};
 use ringcast_proto::{Clock, Dur, StateReport};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+
+/// Result alias of the fleet builder.
+pub type Result<T, E = FleetError> = std::result::Result<T, E>;
+
+/// Name of the marker file that makes a healthy test app fail its health check on one
+/// device: `{install_root}/fail-health` (the app's check finds it two levels above its
+/// `releases/{version}/` directory). A real check on a real file, so a simulated failure goes
+/// through exactly the code a real one does; the fleet places it on the devices its
+/// [`FleetSpec::fail_rate`] picks.
+pub const FAIL_MARKER: &str = "fail-health";
 
 /// Where each agent keeps its state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,10 +80,10 @@ impl std::fmt::Debug for FleetSpec {
 /// ring takes the rest).
 pub fn split(n: usize, rings: &[(&str, f64)]) -> Result<Vec<(String, usize)>> {
     if n < rings.len() {
-        return Err(DemoError::Setup(format!(
-            "{n} devices cannot fill {} rings",
-            rings.len()
-        )));
+        return Err(FleetError::TooFewDevices {
+            devices: n,
+            rings: rings.len(),
+        });
     }
     let mut out = Vec::new();
     let mut left = n;
@@ -144,11 +155,53 @@ pub struct Fleet {
     devices: Vec<SimDevice>,
 }
 
-fn open_store(kind: StoreKind, cfg: &AgentConfig) -> Result<Arc<dyn Store>> {
+/// Open the store of `kind` for the device `cfg` describes (sled in `{data_dir}/db`).
+pub fn open_store(kind: StoreKind, cfg: &AgentConfig) -> Result<Arc<dyn Store>> {
     Ok(match kind {
-        StoreKind::Sled => Arc::new(SledStore::open(&cfg.data_dir.join("db"))?),
+        StoreKind::Sled => Arc::new(
+            SledStore::open(&cfg.data_dir.join("db")).map_err(|e| FleetError::agent(cfg, e))?,
+        ),
         StoreKind::Memory => Arc::new(MemoryStore::new()),
     })
+}
+
+/// Create the device's data directory and installer root.
+fn prepare_dirs(cfg: &AgentConfig) -> Result<()> {
+    let root = cfg.install_root();
+    std::fs::create_dir_all(&root)
+        .map_err(|e| FleetError::agent(cfg, Error::io("create dir", &root, e)))
+}
+
+/// Start the real agent for `cfg` on `store` and `clock`, with the real installer in its
+/// install root.
+pub fn spawn_agent(
+    cfg: &AgentConfig,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+) -> Result<AgentHandle> {
+    let deps = Deps {
+        store,
+        clock,
+        installer: Arc::new(FsInstaller::new(
+            cfg.install_root(),
+            cfg.install.command_timeout.get(),
+            cfg.health.output_tail,
+        )),
+    };
+    let agent = Agent::new(cfg.clone(), deps).map_err(|e| FleetError::agent(cfg, e))?;
+    Ok(agent.spawn())
+}
+
+/// One device outside a [`Fleet`], started the way the fleet starts its own: directories
+/// created, a fresh handle on its `store`, on `clock`. For a device a scenario stops and
+/// restarts itself (e.g. with other delivery windows); a sled store keeps its state across.
+pub fn start_agent(
+    cfg: &AgentConfig,
+    store: StoreKind,
+    clock: Arc<dyn Clock>,
+) -> Result<AgentHandle> {
+    prepare_dirs(cfg)?;
+    spawn_agent(cfg, open_store(store, cfg)?, clock)
 }
 
 impl Fleet {
@@ -161,15 +214,14 @@ impl Fleet {
             for i in 0..*count {
                 let id = device_id(ring, i);
                 let cfg = device_config(&spec, &id, ring);
-                std::fs::create_dir_all(cfg.install_root())
-                    .map_err(|e| DemoError::io(&cfg.install_root(), e))?;
+                prepare_dirs(&cfg)?;
                 // Spread the failing devices over the ring (every k-th), so a ramp step of
                 // any size meets some of them.
                 let fails = failing > 0 && (i * failing) % count < failing;
                 let marker = cfg.install_root().join(FAIL_MARKER);
                 if fails {
                     std::fs::write(&marker, b"simulated fault\n")
-                        .map_err(|e| DemoError::io(&marker, e))?;
+                        .map_err(|e| FleetError::agent(&cfg, Error::io("write", &marker, e)))?;
                 }
                 let store = open_store(spec.store, &cfg)?;
                 let mut d = SimDevice {
@@ -229,10 +281,12 @@ impl Fleet {
             .devices
             .iter_mut()
             .find(|d| d.id == id)
-            .ok_or_else(|| DemoError::Setup(format!("no device {id}")))?;
+            .ok_or_else(|| FleetError::NoDevice(id.to_owned()))?;
         if let Some(h) = d.handle.take() {
             d.last = h.status();
-            h.shutdown().await?;
+            h.shutdown()
+                .await
+                .map_err(|e| FleetError::agent(&d.cfg, e))?;
         }
         Ok(())
     }
@@ -244,7 +298,7 @@ impl Fleet {
             .devices
             .iter_mut()
             .find(|d| d.id == id)
-            .ok_or_else(|| DemoError::Setup(format!("no device {id}")))?;
+            .ok_or_else(|| FleetError::NoDevice(id.to_owned()))?;
         if d.handle.is_none() {
             spawn(&spec, d)?;
         }
@@ -269,17 +323,7 @@ impl Fleet {
 }
 
 fn spawn(spec: &FleetSpec, d: &mut SimDevice) -> Result<()> {
-    let deps = Deps {
-        store: d.store.clone(),
-        clock: spec.clock.clone(),
-        installer: Arc::new(FsInstaller::new(
-            d.cfg.install_root(),
-            d.cfg.install.command_timeout.get(),
-            d.cfg.health.output_tail,
-        )),
-    };
-    let agent = Agent::new(d.cfg.clone(), deps)?;
-    d.handle = Some(agent.spawn());
+    d.handle = Some(spawn_agent(&d.cfg, d.store.clone(), spec.clock.clone())?);
     Ok(())
 }
 
@@ -348,6 +392,7 @@ mod tests {
         );
         let s = split(3, &[("canary", 0.1), ("early", 0.3), ("broad", 0.6)]).unwrap();
         assert!(s.iter().all(|(_, n)| *n == 1), "{s:?}");
-        assert!(split(2, &[("a", 0.5), ("b", 0.3), ("c", 0.2)]).is_err());
+        let err = split(2, &[("a", 0.5), ("b", 0.3), ("c", 0.2)]).unwrap_err();
+        assert_eq!(err.code(), "too_few_devices");
     }
 }

@@ -329,9 +329,7 @@ async fn release_submit_streams_the_artifact_and_refuses_one_that_is_not_the_rel
     let file = w.dir.path().join("image.bin");
     let sha = write_artifact(&file, 2 * MIB, 11);
     let mut r = ringcast_proto::testkit::sample_release("app", 2, 1);
-    r.artifact.sha256 = sha.clone();
-    r.artifact.size = 2 * MIB;
-    r.artifact.url = format!("/artifacts/sha256/{sha}");
+    ringcast::kit::point_at(&mut r, &sha, 2 * MIB);
     let rel = w.dir.path().join("release.json");
     std::fs::write(&rel, r.sign(&[&w.fx.release]).to_vec_pretty()).unwrap();
     let other = w.dir.path().join("other.bin");

@@ -1,8 +1,11 @@
-//! Crash-safe file writes (STYLE.md rule 7): temp file in the same directory, write, fsync,
-//! rename, fsync the directory. One helper, used everywhere: the controller's state files and
-//! key files go through [`write_atomic_with`] too (the controller depends on this crate).
+//! Crash-safe file operations (STYLE.md rule 7): temp file in the same directory, write,
+//! fsync, rename, fsync the directory. A power cut leaves either the old file or the new one,
+//! never half of one. The one implementation, used by the agent (state files, installs,
+//! downloads) and the controller (state files, artifacts, key files) alike.
+//!
+//! Errors are [`FsError`]: the step that failed and the path it failed on (never a temp name);
+//! each daemon maps it into its own error type with `From`.
 
-use crate::error::{Error, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -16,7 +19,7 @@ pub struct WriteOptions {
     /// minus the umask, as for [`File::create`].
     pub mode: Option<u32>,
     /// Replace an existing file; when `false` an existing target is left alone and the write
-    /// fails with [`WriteError::Exists`], decided atomically by the filesystem.
+    /// fails with [`FsError::Exists`], decided atomically by the filesystem.
     pub overwrite: bool,
 }
 
@@ -29,10 +32,10 @@ impl Default for WriteOptions {
     }
 }
 
-/// Why a crash-safe write failed. `path` is the file asked for (or, for the directory fsync,
-/// its directory), never the temp name, which no longer exists when this is returned.
+/// Why a file operation failed. `path` is the file asked for (or, for the directory fsync,
+/// its directory), never a temp name, which no longer exists when this is returned.
 #[derive(Debug, thiserror::Error)]
-pub enum WriteError {
+pub enum FsError {
     /// The target exists and [`WriteOptions::overwrite`] is `false`.
     #[error("{} already exists; not overwritten", path.display())]
     Exists {
@@ -42,7 +45,7 @@ pub enum WriteError {
     /// The operating system refused a step.
     #[error("{op} {}: {source}", path.display())]
     Io {
-        /// The step: `create`, `write`, `fsync`, `rename`, `link`, `fsync dir`, …
+        /// The step: `create`, `write`, `fsync`, `rename`, `link`, `fsync dir`, `remove`, …
         op: &'static str,
         /// The target file, or its directory for `fsync dir`.
         path: PathBuf,
@@ -52,39 +55,35 @@ pub enum WriteError {
     },
 }
 
-impl WriteError {
+impl FsError {
     /// The stable `snake_case` reason code.
     pub fn code(&self) -> &'static str {
         match self {
-            WriteError::Exists { .. } => "file_exists",
-            WriteError::Io { .. } => "io_error",
+            FsError::Exists { .. } => "file_exists",
+            FsError::Io { .. } => "io_error",
         }
     }
 
-    fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> WriteError + 'a {
-        move |source| WriteError::Io {
+    /// An [`FsError::Io`] for step `op` on `path`.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> FsError {
+        FsError::Io {
             op,
-            path: path.to_owned(),
+            path: path.into(),
             source,
         }
     }
-}
 
-impl From<WriteError> for Error {
-    fn from(e: WriteError) -> Error {
-        match e {
-            // The agent never refuses overwrites today; should it, the kind keeps the meaning.
-            WriteError::Exists { path } => {
-                Error::io("link", path, io::Error::from(io::ErrorKind::AlreadyExists))
-            }
-            WriteError::Io { op, path, source } => Error::Io { op, path, source },
-        }
+    fn on<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
+        move |source| FsError::io(op, path, source)
     }
 }
 
+/// Result alias for this module.
+pub type Result<T, E = FsError> = std::result::Result<T, E>;
+
 /// Write `bytes` to `path` so that a crash leaves either the old or the new content.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, bytes, &WriteOptions::default()).map_err(Error::from)
+    write_atomic_with(path, bytes, &WriteOptions::default())
 }
 
 /// Write `bytes` to `path` crash-safely: a temp file with a unique name in the same directory,
@@ -92,21 +91,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// written and fsync'd, then renamed over `path` (or, without `opts.overwrite`, hard-linked,
 /// which fails atomically if `path` exists), then the directory fsync'd. A crash leaves the
 /// old file or the new one, never a torn one; on any error the temp name is removed.
-pub fn write_atomic_with(
-    path: &Path,
-    bytes: &[u8],
-    opts: &WriteOptions,
-) -> std::result::Result<(), WriteError> {
+pub fn write_atomic_with(path: &Path, bytes: &[u8], opts: &WriteOptions) -> Result<()> {
     replace_atomic(path, opts, |f| f.write_all(bytes).map_err(|e| ("write", e)))
 }
 
 /// Copy `from` to `to` the same crash-safe way, keeping `from`'s permission bits exactly
 /// (as `fs::copy` does: an installed executable stays executable whatever the umask).
 pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
-    let mut src = File::open(from).map_err(|e| Error::io("open", from, e))?;
+    let mut src = File::open(from).map_err(FsError::on("open", from))?;
     let perms = src
         .metadata()
-        .map_err(|e| Error::io("stat", from, e))?
+        .map_err(FsError::on("stat", from))?
         .permissions();
     let opts = WriteOptions {
         // Born with at most these bits (umask applied), then set exactly.
@@ -117,7 +112,6 @@ pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
         io::copy(&mut src, f).map_err(|e| ("copy", e))?;
         f.set_permissions(perms).map_err(|e| ("chmod", e))
     })
-    .map_err(Error::from)
 }
 
 /// The one implementation: temp file, `fill`, fsync, publish, fsync the directory, and the
@@ -126,11 +120,11 @@ fn replace_atomic(
     path: &Path,
     opts: &WriteOptions,
     fill: impl FnOnce(&mut File) -> std::result::Result<(), (&'static str, io::Error)>,
-) -> std::result::Result<(), WriteError> {
+) -> Result<()> {
     let (tmp, mut file) = create_temp(path, opts.mode)?;
     let filled = fill(&mut file)
         .and_then(|()| file.sync_all().map_err(|e| ("fsync", e)))
-        .map_err(|(op, e)| WriteError::io(op, path)(e));
+        .map_err(|(op, e)| FsError::on(op, path)(e));
     drop(file);
     let published = filled.and_then(|()| publish(&tmp, path, opts.overwrite));
     // A rename consumed the temp name; in every other case (a link, or any failure) it is
@@ -138,19 +132,19 @@ fn replace_atomic(
     if !(published.is_ok() && opts.overwrite) {
         let removed = fs::remove_file(&tmp);
         if published.is_ok() {
-            removed.map_err(WriteError::io("remove temp", &tmp))?;
+            removed.map_err(FsError::on("remove temp", &tmp))?;
         }
     }
     published?;
     let dir = parent_dir(path);
-    fsync_dir(dir).map_err(WriteError::io("fsync dir", dir))
+    fsync_dir(dir).map_err(FsError::on("fsync dir", dir))
 }
 
 /// Create the temp file next to `path` with `create_new`, so it is never someone else's file
 /// and never a stale one; on a name collision (a leftover of a crash) the next name is tried.
-fn create_temp(path: &Path, mode: Option<u32>) -> std::result::Result<(PathBuf, File), WriteError> {
+fn create_temp(path: &Path, mode: Option<u32>) -> Result<(PathBuf, File)> {
     if path.file_name().is_none() {
-        return Err(WriteError::io("create", path)(io::Error::new(
+        return Err(FsError::on("create", path)(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not a file name",
         )));
@@ -167,11 +161,11 @@ fn create_temp(path: &Path, mode: Option<u32>) -> std::result::Result<(PathBuf, 
         match o.open(&tmp) {
             Ok(f) => return Ok((tmp, f)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
-            Err(e) => return Err(WriteError::io("create", path)(e)),
+            Err(e) => return Err(FsError::on("create", path)(e)),
         }
     }
     let e = last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AlreadyExists));
-    Err(WriteError::io("create", path)(e))
+    Err(FsError::on("create", path)(e))
 }
 
 /// Remove temp files a crashed writer of `path` left behind (`.{name}.tmp-{pid}-{n}` whose
@@ -211,18 +205,18 @@ fn process_alive(pid: i32) -> bool {
     r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-fn publish(tmp: &Path, path: &Path, overwrite: bool) -> std::result::Result<(), WriteError> {
+fn publish(tmp: &Path, path: &Path, overwrite: bool) -> Result<()> {
     if overwrite {
-        return fs::rename(tmp, path).map_err(WriteError::io("rename", path));
+        return fs::rename(tmp, path).map_err(FsError::on("rename", path));
     }
     // link(2) refuses an existing target atomically, unlike a check followed by a rename.
     fs::hard_link(tmp, path).map_err(|e| {
         if e.kind() == io::ErrorKind::AlreadyExists {
-            WriteError::Exists {
+            FsError::Exists {
                 path: path.to_owned(),
             }
         } else {
-            WriteError::io("link", path)(e)
+            FsError::on("link", path)(e)
         }
     })
 }
@@ -247,15 +241,15 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
-/// fsync a directory, so a rename inside it survives a power cut (plain `io::Result` for
-/// callers with their own error type).
+/// fsync a directory, so a rename inside it survives a power cut (plain `io::Result`, for
+/// callers that name the directory in their own error).
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
 /// fsync a directory, so a rename inside it survives a power cut.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    fsync_dir(dir).map_err(|e| Error::io("fsync dir", dir, e))
+    fsync_dir(dir).map_err(|e| FsError::io("fsync dir", dir, e))
 }
 
 /// fsync the directory holding `path`.
@@ -265,17 +259,17 @@ pub fn sync_parent(path: &Path) -> Result<()> {
 
 /// Create a directory and its parents.
 pub fn ensure_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| Error::io("create dir", dir, e))
+    fs::create_dir_all(dir).map_err(|e| FsError::io("create dir", dir, e))
 }
 
 /// Atomically point the symlink `link` at `target` (new link under a temp name, then rename).
 pub fn switch_symlink(link: &Path, target: &Path) -> Result<()> {
     let tmp = temp_sibling(link);
     let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp).map_err(|e| Error::io("symlink", &tmp, e))?;
+    std::os::unix::fs::symlink(target, &tmp).map_err(|e| FsError::io("symlink", &tmp, e))?;
     fs::rename(&tmp, link).map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        Error::io("rename", link, e)
+        FsError::io("rename", link, e)
     })?;
     sync_parent(link)
 }
@@ -285,7 +279,7 @@ pub fn remove_file_if_exists(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", path, e)),
+        Err(e) => Err(FsError::io("remove", path, e)),
     }
 }
 
@@ -294,7 +288,7 @@ pub fn remove_dir_if_exists(path: &Path) -> Result<()> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove dir", path, e)),
+        Err(e) => Err(FsError::io("remove dir", path, e)),
     }
 }
 
@@ -305,11 +299,11 @@ pub fn remove_entries_with_prefix(dir: &Path, prefix: &str) -> Result<usize> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(Error::io("read dir", dir, e)),
+        Err(e) => return Err(FsError::io("read dir", dir, e)),
     };
     let mut removed = 0;
     for entry in rd {
-        let entry = entry.map_err(|e| Error::io("read dir", dir, e))?;
+        let entry = entry.map_err(|e| FsError::io("read dir", dir, e))?;
         if !entry.file_name().to_string_lossy().starts_with(prefix) {
             continue;
         }
@@ -317,7 +311,7 @@ pub fn remove_entries_with_prefix(dir: &Path, prefix: &str) -> Result<usize> {
         // `file_type` does not follow symlinks: a link is removed, never what it points at.
         let is_dir = entry
             .file_type()
-            .map_err(|e| Error::io("stat", &path, e))?
+            .map_err(|e| FsError::io("stat", &path, e))?
             .is_dir();
         if is_dir {
             remove_dir_if_exists(&path)?;
@@ -429,17 +423,15 @@ mod tests {
         fs::write(p.join("inside"), b"x").unwrap();
         let err = write_atomic_with(&p, b"data", &WriteOptions::default()).unwrap_err();
         match &err {
-            WriteError::Io { op, path, .. } => {
+            FsError::Io { op, path, .. } => {
                 assert_eq!(*op, "rename");
                 assert_eq!(path, &p);
             }
             other => panic!("expected an io error, got {other:?}"),
         }
         assert_eq!(names(d.path()), vec!["busy"]);
-        // The agent's error keeps the step and the path.
-        let agent_err = Error::from(err);
-        assert_eq!(agent_err.code(), "io_error");
-        assert!(agent_err.to_string().starts_with("rename "), "{agent_err}");
+        assert_eq!(err.code(), "io_error");
+        assert!(err.to_string().starts_with("rename "), "{err}");
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! `ringcast`: the release manager's command line and the controller daemon.
+//! `ringcast`: the release manager's command line and the controller daemon (`ringcast serve`),
+//! one module per verb group in [`commands`].
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-mod cli;
+mod commands;
 
 /// Staged, signed software rollouts to device fleets over MQTT.
 #[derive(Debug, Parser)]
@@ -19,21 +20,21 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Generate signing keys.
-    Key(cli::key::Args),
+    Key(commands::key::Args),
     /// Create and rotate trust roots (offline, root role).
-    Trust(cli::trust::Args),
+    Trust(commands::trust::Args),
     /// Sign, verify and submit releases.
-    Release(cli::release::Args),
+    Release(commands::release::Args),
     /// Run the controller daemon.
-    Serve(cli::serve::Args),
+    Serve(commands::serve::Args),
     /// Inspect and steer rollouts.
-    Rollout(cli::rollout::Args),
+    Rollout(commands::rollout::Args),
     /// Inspect devices.
-    Devices(cli::devices::Args),
+    Devices(commands::devices::Args),
     /// Check the audit log.
-    Audit(cli::audit::Args),
+    Audit(commands::audit::Args),
     /// Run the whole system locally: broker, controller and a simulated fleet.
-    Demo(cli::demo::Args),
+    Demo(commands::demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -55,14 +56,14 @@ fn main() -> ExitCode {
     };
     let json = cli.json;
     let result = match cli.command {
-        Command::Key(a) => cli::key::run(a, json),
-        Command::Trust(a) => cli::trust::run(a, json),
-        Command::Release(a) => cli::release::run(a, json),
-        Command::Serve(a) => cli::serve::run(a, json),
-        Command::Rollout(a) => cli::rollout::run(a, json),
-        Command::Devices(a) => cli::devices::run(a, json),
-        Command::Audit(a) => cli::audit::run(a, json),
-        Command::Demo(a) => cli::demo::run(a, json),
+        Command::Key(a) => commands::key::run(a, json),
+        Command::Trust(a) => commands::trust::run(a, json),
+        Command::Release(a) => commands::release::run(a, json),
+        Command::Serve(a) => commands::serve::run(a, json),
+        Command::Rollout(a) => commands::rollout::run(a, json),
+        Command::Devices(a) => commands::devices::run(a, json),
+        Command::Audit(a) => commands::audit::run(a, json),
+        Command::Demo(a) => commands::demo::run(a, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,20 +1,12 @@
-//! `ringcast demo` and the pieces the fleet simulator and the end-to-end scenarios share.
-//!
-//! - [`kit`]: fresh keys and a trust root written as files, a tiny "app" bundle (tar.gz with
-//!   a `health.sh`) and its release manifest.
-//! - [`fleet`]: N real agents (the `ringcast-agent` library) in one process, each with its
-//!   own MQTT connection, data directory, installer root and store; a chosen share of them
-//!   made to fail their health check.
-//! - [`show`]: the demo itself — embedded broker, controller, fleet; v1, v2 and a broken v3;
-//!   progress per ring; a summary that is checked, not just printed.
+//! `ringcast demo`: [`show`] is the demo itself — embedded broker, controller, a fleet of
+//! real agents ([`ringcast_agent::fleet`]); v1, v2 and a broken v3 built with
+//! [`crate::kit`]; progress per ring; a summary that is checked, not just printed.
 
-pub mod fleet;
-pub mod kit;
 pub mod show;
 
 use std::path::{Path, PathBuf};
 
-/// Errors of the demo and the simulator, with stable reason codes.
+/// Errors of the demo and of [`crate::kit`], with stable reason codes.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     /// Something could not be prepared (keys, bundles, directories).
@@ -28,15 +20,15 @@ pub enum DemoError {
         /// The cause.
         source: std::io::Error,
     },
-    /// An agent could not be built or stopped.
-    #[error("agent: {0}")]
-    Agent(#[from] ringcast_agent::Error),
+    /// The fleet of agents ([`ringcast_agent::fleet`]) could not be built or steered.
+    #[error("fleet: {0}")]
+    Fleet(#[from] ringcast_agent::error::FleetError),
     /// The controller failed.
     #[error("controller: {0}")]
-    Controller(#[from] crate::Error),
+    Controller(#[from] ringcast_controller::Error),
     /// The controller's API refused or was unreachable.
     #[error("api: {0}")]
-    Api(#[from] crate::client::ClientError),
+    Api(#[from] ringcast_controller::client::ClientError),
     /// Something did not happen in time.
     #[error("timed out: {0}")]
     Timeout(String),
@@ -59,7 +51,7 @@ impl DemoError {
         match self {
             DemoError::Setup(_) => "setup_failed",
             DemoError::Io { .. } => "io_error",
-            DemoError::Agent(_) => "agent_error",
+            DemoError::Fleet(_) => "fleet_error",
             DemoError::Controller(_) => "controller_error",
             DemoError::Api(_) => "api_error",
             DemoError::Timeout(_) => "timeout",

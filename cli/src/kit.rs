@@ -1,10 +1,17 @@
 //! What a local Ringcast world needs before anything runs: fresh keys for every role and a
 //! trust root (written as key files the way `ringcast key gen` and `trust init` write them), and
 //! a tiny "app" bundle per release with a `health.sh` the agents run during probation.
+//!
+//! It is also the one place releases are built for the demo, the fleet simulator and the
+//! end-to-end tests: [`AppRelease::build`] makes the bundle and its manifest signed with a
+//! real ed25519 release key; [`sign_release`] and [`point_at`] do the same for any manifest
+//! and artifact bytes. Artifact URLs are the controller's store URLs
+//! ([`ringcast_controller::artifacts::url_path`]), so the release works once the artifact is
+//! uploaded or put in the store.
 
-use super::{DemoError, Result};
-use crate::keyfile::{self, Overwrite};
+use crate::demo::{DemoError, Result};
 use jiff::{SignedDuration, Timestamp};
+use ringcast_controller::keyfile::{self, Overwrite};
 use ringcast_proto::release::{
     Artifact, ArtifactFormat, CheckKind, Health, HealthCheck, Install, InstallKind,
 };
@@ -14,11 +21,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Name of the marker file that makes the simulator's healthy app fail its health check on
-/// one device: `{install_root}/fail-health` (the check finds it two levels above its
-/// `releases/{version}/` directory). A real check on a real file, so a simulated failure goes
-/// through exactly the code a real one does.
-pub const FAIL_MARKER: &str = "fail-health";
+// The marker the fleet puts on devices meant to fail; the healthy app's check looks for it.
+use ringcast_agent::fleet::FAIL_MARKER;
 
 /// Fresh keys for the three roles and the trust root that lists them (thresholds of one).
 pub struct Keys {
@@ -123,7 +127,8 @@ impl Keys {
 /// How an app bundle's `health.sh` behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppHealth {
-    /// Passes, unless the device carries the [`FAIL_MARKER`] (the simulator's failure rate).
+    /// Passes, unless the device carries the fleet's [`FAIL_MARKER`] (the simulator's failure
+    /// rate).
     Healthy,
     /// Always fails, with a message on stderr (the demo's broken v3).
     Broken,
@@ -183,6 +188,33 @@ pub fn app_bundle(version: &str, health: AppHealth) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Point `release` at an artifact as the controller stores it: its SHA-256 (lowercase hex),
+/// its size and its store URL, `/artifacts/sha256/{hex}`.
+pub fn point_at(release: &mut Release, sha256: &str, size: u64) {
+    release.artifact.url = ringcast_controller::artifacts::url_path(sha256);
+    release.artifact.sha256 = sha256.to_owned();
+    release.artifact.size = size;
+}
+
+/// Sign `release` for the artifact `bytes` with the release-role `keys` (digest, size and
+/// store URL filled in first): the envelope `ringcast release sign` writes for that artifact.
+pub fn sign_release(mut release: Release, bytes: &[u8], keys: &[&SecretKey]) -> Envelope {
+    let sha256 = ringcast_proto::digest::sha256_hex(bytes);
+    point_at(&mut release, &sha256, bytes.len() as u64);
+    release.sign(keys)
+}
+
+/// An app release ready to upload and submit.
+#[derive(Debug, Clone)]
+pub struct SignedApp {
+    /// The bundle (tar.gz) to upload or put in the artifact store.
+    pub bundle: Vec<u8>,
+    /// Its SHA-256 (what the store names it by).
+    pub sha256: String,
+    /// The manifest, signed by the release key, pointing at the bundle's store URL.
+    pub envelope: Envelope,
+}
+
 /// Parameters of an app release.
 #[derive(Debug, Clone)]
 pub struct AppRelease {
@@ -220,6 +252,25 @@ impl AppRelease {
             check_timeout: Duration::from_secs(5),
             failures_to_revert: 1,
         }
+    }
+
+    /// Build the bundle whose `health.sh` behaves as `health` and its manifest, issued at
+    /// `issued_at`, pointing at the bundle's store URL and signed by the release `key`.
+    pub fn build(
+        &self,
+        health: AppHealth,
+        issued_at: Timestamp,
+        key: &SecretKey,
+    ) -> Result<SignedApp> {
+        let bundle = app_bundle(&self.version.to_string(), health)?;
+        let sha256 = ringcast_proto::digest::sha256_hex(&bundle);
+        let url = ringcast_controller::artifacts::url_path(&sha256);
+        let envelope = self.manifest(&url, &bundle, issued_at).sign(&[key]);
+        Ok(SignedApp {
+            bundle,
+            sha256,
+            envelope,
+        })
     }
 
     /// The manifest for an artifact of `bytes` at `url` (absolute, or relative to the
@@ -295,5 +346,50 @@ mod tests {
         a.unpack(dir.path()).unwrap();
         let script = std::fs::read_to_string(dir.path().join("health.sh")).unwrap();
         assert!(script.contains("self-test failed"));
+    }
+
+    #[test]
+    fn built_release_verifies_against_the_trust_root_and_names_its_bundle() {
+        let now = Timestamp::now();
+        let k = Keys::generate(now, SignedDuration::from_hours(24)).unwrap();
+        let app = AppRelease::new("app", 3, "sim")
+            .build(AppHealth::Healthy, now, &k.release)
+            .unwrap();
+        let r = ringcast_proto::verify_release(&k.trust, &app.envelope, now, SignedDuration::ZERO)
+            .unwrap();
+        assert_eq!(r.artifact.sha256, app.sha256);
+        assert_eq!(r.artifact.size, app.bundle.len() as u64);
+        assert_eq!(r.artifact.url, format!("/artifacts/sha256/{}", app.sha256));
+        // Signed by another role's key, the same manifest is refused.
+        let forged = AppRelease::new("app", 3, "sim")
+            .build(AppHealth::Healthy, now, &k.controller)
+            .unwrap();
+        assert!(ringcast_proto::verify_release(
+            &k.trust,
+            &forged.envelope,
+            now,
+            SignedDuration::ZERO
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn any_manifest_is_signed_for_the_bytes_it_ships() {
+        let now = Timestamp::now();
+        let k = Keys::generate(now, SignedDuration::from_hours(24)).unwrap();
+        let mut r = AppRelease::new("app", 2, "sim").manifest("/elsewhere", b"old", now);
+        r.artifact.size = 1;
+        let env = sign_release(r, b"firmware", &[&k.release]);
+        let back =
+            ringcast_proto::verify_release(&k.trust, &env, now, SignedDuration::ZERO).unwrap();
+        assert_eq!(
+            back.artifact.sha256,
+            ringcast_proto::digest::sha256_hex(b"firmware")
+        );
+        assert_eq!(back.artifact.size, 8);
+        assert_eq!(
+            back.artifact.url,
+            format!("/artifacts/sha256/{}", back.artifact.sha256)
+        );
     }
 }

@@ -162,7 +162,7 @@ fn sign(a: SignArgs, json: bool) -> anyhow::Result<()> {
     let url = a
         .url
         .or(spec.artifact.url)
-        .unwrap_or_else(|| format!("/artifacts/sha256/{sha256}"));
+        .unwrap_or_else(|| ringcast_controller::artifacts::url_path(&sha256));
     let release = Release {
         name: spec.name,
         version: spec.version,

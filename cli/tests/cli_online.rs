@@ -119,13 +119,10 @@ gate = { min_reports = 1, max_failure_rate = 0.2 }
     // Release + artifact, as `ringcast release sign` would produce them.
     let artifact = b"firmware bytes".repeat(100);
     std::fs::write(d.join("app.tar.gz"), &artifact).unwrap();
-    let mut r = ringcast_proto::testkit::sample_release("app", 2, 1);
-    r.artifact.sha256 = ringcast_proto::digest::sha256_hex(&artifact);
-    r.artifact.size = artifact.len() as u64;
-    r.artifact.url = format!("/artifacts/sha256/{}", r.artifact.sha256);
+    let r = ringcast_proto::testkit::sample_release("app", 2, 1);
     std::fs::write(
         d.join("release.json"),
-        r.sign(&[&fx.release]).to_vec_pretty(),
+        ringcast::kit::sign_release(r, &artifact, &[&fx.release]).to_vec_pretty(),
     )
     .unwrap();
 

@@ -1,8 +1,8 @@
-//! `ringcast demo`: the whole system in one process (see [`ringcast_controller::demo::show`]).
+//! `ringcast demo`: the whole system in one process (see [`ringcast::demo::show`]).
 
 use anyhow::Context;
-use ringcast_controller::demo::show::{self, Options};
-use ringcast_controller::demo::DemoError;
+use ringcast::demo::show::{self, Options};
+use ringcast::demo::DemoError;
 use std::io::IsTerminal;
 use std::time::Duration;
 

@@ -5,17 +5,17 @@
 //! rollout before it reaches `early`. [`run`] returns a [`Summary`] whose `problems` list
 //! everything that did not behave as described; the command exits 0 only when it is empty.
 
-use super::fleet::{self, Fleet, FleetSpec, StoreKind};
-use super::kit::{self, AppHealth, AppRelease, KeyFiles, Keys};
 use super::{DemoError, Result};
-use crate::api::{RolloutView, SubmitRequest};
-use crate::client::Client;
-use crate::config::{
+use crate::kit::{AppHealth, AppRelease, KeyFiles, Keys};
+use jiff::SignedDuration;
+use ringcast_agent::fleet::{self, Fleet, FleetSpec, StoreKind};
+use ringcast_controller::api::{RolloutView, SubmitRequest};
+use ringcast_controller::client::Client;
+use ringcast_controller::config::{
     ApiRole, ControllerConfig, Gate, OnFailure, Policy, Promotion, RingPolicy, ServerConfig,
     TokenEntry,
 };
-use crate::{Controller, ControllerHandle};
-use jiff::SignedDuration;
+use ringcast_controller::{Controller, ControllerHandle};
 use ringcast_proto::{Clock, Dur, Percent, Phase, StateReport, SystemClock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -357,7 +357,7 @@ async fn setup(opts: &Options, screen: &mut Screen) -> Result<World> {
             tokens_file: None,
             public_url: None,
             max_artifact_bytes: 16 * 1024 * 1024,
-            device_events: crate::store::EVENT_HISTORY,
+            device_events: ringcast_controller::store::EVENT_HISTORY,
         },
         broker: None,
         tokens: vec![
@@ -518,12 +518,17 @@ async fn roll(
 ) -> Result<ReleaseSummary> {
     let rel = AppRelease::new(APP, step.sequence, CLASS);
     let version = rel.version.to_string();
-    let bytes = kit::app_bundle(&version, step.health)?;
-    let up = w.operator.upload_artifact(bytes.clone()).await?;
     let issued = SystemClock.now() - SignedDuration::from_secs(60);
-    let envelope = rel
-        .manifest(&up.url, &bytes, issued)
-        .sign(&[&w.keys.release]);
+    let app = rel.build(step.health, issued, &w.keys.release)?;
+    let bytes = app.bundle;
+    let up = w.operator.upload_artifact(bytes.clone()).await?;
+    if up.sha256 != app.sha256 || up.url != ringcast_controller::artifacts::url_path(&app.sha256) {
+        return Err(DemoError::Setup(format!(
+            "the controller stored release {version}'s bundle as {} at {}, not as signed ({})",
+            up.sha256, up.url, app.sha256
+        )));
+    }
+    let envelope = app.envelope;
     let what = match step.health {
         AppHealth::Healthy => "healthy",
         AppHealth::Broken => "BROKEN: its health check fails",
