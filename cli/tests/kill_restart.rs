@@ -49,16 +49,15 @@ fn serve(w: &World) -> (Serve, String) {
     (Serve(child), url)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkilled_controller_resumes_mid_bake_and_promotes_once() {
-    let w = World::new();
-    let sha = ringcast_proto::digest::sha256_hex(OPERATOR.as_bytes());
-    std::fs::write(
-        w.dir.path().join("ringcast.toml"),
-        format!(
-            r#"
+/// `ringcast.toml` for `ringcast serve` in `w`: the world's broker, tokens for `otto`
+/// (operator) and `alice` (approver), `policy` lines at the top and `rings` at the end.
+fn write_config(w: &World, policy: &str, rings: &str) {
+    let token = |t: &str| ringcast_proto::digest::sha256_hex(t.as_bytes());
+    let config = format!(
+        r#"
 fleet = "lab"
 tick = "50ms"
+{policy}
 [server]
 listen = "127.0.0.1:0"
 data_dir = "data"
@@ -67,25 +66,41 @@ controller_key = "controller.key"
 [[token]]
 name = "otto"
 role = "operator"
-sha256 = "{sha}"
+sha256 = "{op}"
+[[token]]
+name = "alice"
+role = "approver"
+sha256 = "{ap}"
 [broker]
 host = "127.0.0.1"
 port = {port}
 watch_drops = false
 persistent_session = false
+{rings}"#,
+        op = token(OPERATOR),
+        ap = token(APPROVER),
+        port = w.broker_port
+    );
+    std::fs::write(w.dir.path().join("ringcast.toml"), config).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_controller_resumes_mid_bake_and_promotes_once() {
+    let w = World::new();
+    write_config(
+        &w,
+        "",
+        r#"
 [[rings]]
 name = "canary"
 bake = "6s"
-gate = {{ min_reports = 3, max_failure_rate = 0.2 }}
+gate = { min_reports = 3, max_failure_rate = 0.2 }
 [[rings]]
 name = "broad"
 bake = "1h"
-gate = {{ min_reports = 1, max_failure_rate = 0.2 }}
+gate = { min_reports = 1, max_failure_rate = 0.2 }
 "#,
-            port = w.broker_port
-        ),
-    )
-    .unwrap();
+    );
     let watch = Watcher::start(&w).await;
     let fleet = Fleet::connect(&w).await;
     let (s, url) = serve(&w);
@@ -178,44 +193,17 @@ gate = {{ min_reports = 1, max_failure_rate = 0.2 }}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_right_after_an_acknowledged_submit_or_approve_loses_neither() {
     let w = World::new();
-    let token = |t: &str| ringcast_proto::digest::sha256_hex(t.as_bytes());
-    std::fs::write(
-        w.dir.path().join("ringcast.toml"),
-        format!(
-            r#"
-fleet = "lab"
-tick = "50ms"
-on_new_release = "supersede"
-[server]
-listen = "127.0.0.1:0"
-data_dir = "data"
-trust = "trust.json"
-controller_key = "controller.key"
-[[token]]
-name = "otto"
-role = "operator"
-sha256 = "{op}"
-[[token]]
-name = "alice"
-role = "approver"
-sha256 = "{ap}"
-[broker]
-host = "127.0.0.1"
-port = {port}
-watch_drops = false
-persistent_session = false
+    write_config(
+        &w,
+        r#"on_new_release = "supersede""#,
+        r#"
 [[rings]]
 name = "canary"
 promotion = "manual"
 bake = "1h"
-gate = {{ min_reports = 1, max_failure_rate = 0.2 }}
+gate = { min_reports = 1, max_failure_rate = 0.2 }
 "#,
-            op = token(OPERATOR),
-            ap = token(APPROVER),
-            port = w.broker_port
-        ),
-    )
-    .unwrap();
+    );
     let rounds: u64 = std::env::var("RINGCAST_CRASH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())

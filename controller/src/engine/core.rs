@@ -519,6 +519,14 @@ impl Core {
         }
     }
 
+    /// Rollout `id`, or `not_found`.
+    fn rollout(&self, id: &str) -> Result<Rollout> {
+        self.state.rollouts.get(id).cloned().ok_or(Error::NotFound {
+            what: "rollout",
+            id: id.into(),
+        })
+    }
+
     fn ring_policy(&self, ring: &str) -> Option<&RingPolicy> {
         self.cfg.policy.ring(ring)
     }
@@ -831,15 +839,7 @@ impl Core {
         now: Timestamp,
         out: &mut Out,
     ) -> Result<()> {
-        let r = self
-            .state
-            .rollouts
-            .get(id)
-            .cloned()
-            .ok_or(Error::NotFound {
-                what: "rollout",
-                id: id.into(),
-            })?;
+        let r = self.rollout(id)?;
         let waiting = matches!(
             &r.state,
             RolloutState::Active {
@@ -1302,15 +1302,7 @@ impl Core {
         now: Timestamp,
         out: &mut Out,
     ) -> Result<Rollout> {
-        let r = self
-            .state
-            .rollouts
-            .get(id)
-            .cloned()
-            .ok_or(Error::NotFound {
-                what: "rollout",
-                id: id.into(),
-            })?;
+        let r = self.rollout(id)?;
         if !r.state.is_live() {
             return Err(Error::conflict(
                 "rollout_finished",
