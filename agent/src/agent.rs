@@ -831,7 +831,8 @@ impl Agent {
         };
         let failed_before = match (&followed, ask) {
             (Some((k, _)), Ask::Install { release, .. }) => {
-                self.st.has_failed(&k.directive.rollout_id, release)
+                self.st
+                    .has_failed(&k.directive.rollout_id, release, k.directive.attempt)
             }
             _ => false,
         };
@@ -873,6 +874,9 @@ impl Agent {
                     job.rollout_id = k.directive.rollout_id.clone();
                     job.origin = origin;
                 }
+                // Work under way belongs to the newest attempt: should it fail, it failed
+                // at that one.
+                self.st.attempt = k.directive.attempt;
                 self.st.rollout_id = Some(k.directive.rollout_id);
                 self.save()
             }
@@ -890,8 +894,9 @@ impl Agent {
                 let old = self.st.job.take();
                 // Starting is the first line of the download step, under the new job's fields.
                 step_span!("download", self.cfg, &job).in_scope(|| {
-                    tracing::info!("starting");
+                    tracing::info!(attempt = d.attempt, "starting");
                     self.st.rollout_id = Some(job.rollout_id.clone());
+                    self.st.attempt = d.attempt;
                     self.st.target = Some(job.target());
                     self.st.last_error = None;
                     self.st.job = Some(job);
@@ -1518,6 +1523,7 @@ fn build_report(cfg: &AgentConfig, st: &Persisted, now: Timestamp) -> StateRepor
         windows: cfg.windows.clone(),
         timezone: cfg.timezone.clone(),
         updated_at: now,
+        attempt: st.attempt,
     }
 }
 

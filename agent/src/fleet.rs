@@ -344,6 +344,7 @@ fn placeholder(cfg: &AgentConfig) -> StateReport {
         windows: Vec::new(),
         timezone: cfg.timezone.clone(),
         updated_at: jiff::Timestamp::UNIX_EPOCH,
+        attempt: 1,
     }
 }
 

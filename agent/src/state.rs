@@ -353,6 +353,56 @@ pub fn release_ref(r: &Release) -> ReleaseRef {
     }
 }
 
+/// A release that failed here in a rollout, and at which attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failed {
+    /// Rollout.
+    pub rollout_id: String,
+    /// Release name.
+    pub name: String,
+    /// Release sequence.
+    pub sequence: u64,
+    /// The directive attempt it failed at.
+    pub attempt: u32,
+}
+
+impl<'de> Deserialize<'de> for Failed {
+    /// Today's form, or the `[rollout_id, name, sequence]` of agents from before retries
+    /// (attempt 1).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Failed, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Full {
+                rollout_id: String,
+                name: String,
+                sequence: u64,
+                attempt: u32,
+            },
+            Old(String, String, u64),
+        }
+        Ok(match Form::deserialize(d)? {
+            Form::Full {
+                rollout_id,
+                name,
+                sequence,
+                attempt,
+            } => Failed {
+                rollout_id,
+                name,
+                sequence,
+                attempt,
+            },
+            Form::Old(rollout_id, name, sequence) => Failed {
+                rollout_id,
+                name,
+                sequence,
+                attempt: 1,
+            },
+        })
+    }
+}
+
 /// Everything the agent persists (besides the trust root, kept under its own key as the
 /// envelope bytes it was verified from).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -386,9 +436,13 @@ pub struct Persisted {
     /// The ring rollout that was current when the device pin was set; a ring directive for a
     /// different rollout releases the pin.
     pub pin_ring_rollout: Option<String>,
-    /// Releases that failed here, per rollout: `(rollout_id, release name, sequence)`.
-    /// Not retried within the same rollout, so a re-signed directive cannot loop installs.
-    pub failed: Vec<(String, String, u64)>,
+    /// Releases that failed here, per rollout, with the attempt they failed at. Not tried
+    /// again in the same rollout unless a directive asks with a higher attempt (a retry), so
+    /// a re-signed directive cannot loop installs.
+    pub failed: Vec<Failed>,
+    /// The attempt of the directive the phase belongs to (see `Directive::attempt`).
+    #[serde(default = "ringcast_proto::directive::first_attempt")]
+    pub attempt: u32,
     /// Incremented at every start; makes event ids unique across restarts.
     pub boot: u64,
     /// Digests of the last accepted directive bytes per topic.
@@ -431,6 +485,7 @@ impl Persisted {
             device: None,
             pin_ring_rollout: None,
             failed: Vec::new(),
+            attempt: 1,
             boot: 0,
             digests: Digests::default(),
             report_seq: 0,
@@ -438,23 +493,34 @@ impl Persisted {
         }
     }
 
-    /// Whether `release` failed here in `rollout_id`.
-    pub fn has_failed(&self, rollout_id: &str, release: &Release) -> bool {
-        self.failed
-            .iter()
-            .any(|(r, n, s)| r == rollout_id && *n == release.name && *s == release.sequence)
+    /// Whether `release` failed here in `rollout_id` at `attempt` or later (so a directive
+    /// at that attempt must not start it again).
+    pub fn has_failed(&self, rollout_id: &str, release: &Release, attempt: u32) -> bool {
+        self.failed.iter().any(|f| {
+            f.rollout_id == rollout_id
+                && f.name == release.name
+                && f.sequence == release.sequence
+                && f.attempt >= attempt
+        })
     }
 
-    /// Remember a failure (bounded list).
+    /// Remember a failure at the current attempt (bounded list; one entry per release and
+    /// rollout, the latest attempt).
     pub fn remember_failure(&mut self, rollout_id: &str, release: &ReleaseRef) {
+        self.failed.retain(|f| {
+            !(f.rollout_id == rollout_id
+                && f.name == release.name
+                && f.sequence == release.sequence)
+        });
         if self.failed.len() >= 32 {
             self.failed.remove(0);
         }
-        self.failed.push((
-            rollout_id.to_owned(),
-            release.name.clone(),
-            release.sequence,
-        ));
+        self.failed.push(Failed {
+            rollout_id: rollout_id.to_owned(),
+            name: release.name.clone(),
+            sequence: release.sequence,
+            attempt: self.attempt,
+        });
     }
 }
 
@@ -462,6 +528,37 @@ impl Persisted {
 mod tests {
     use super::*;
     use Phase::*;
+
+    #[test]
+    fn failures_recorded_before_retries_read_as_attempt_one() {
+        let old: Vec<super::Failed> = serde_json::from_str(
+            r#"[["r-1","app",3],{"rollout_id":"r-2","name":"app","sequence":4,"attempt":2}]"#,
+        )
+        .unwrap();
+        assert_eq!(old[0].attempt, 1);
+        assert_eq!((old[0].rollout_id.as_str(), old[0].sequence), ("r-1", 3));
+        assert_eq!(old[1].attempt, 2);
+        let back: Vec<super::Failed> =
+            serde_json::from_slice(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(back, old);
+    }
+
+    #[test]
+    fn a_failure_blocks_its_attempt_and_earlier_ones_only() {
+        let mut st = Persisted::new(Timestamp::UNIX_EPOCH);
+        let rel = ringcast_proto::testkit::sample_release("app", 2, 1);
+        st.attempt = 2;
+        st.remember_failure("r", &release_ref(&rel));
+        assert!(st.has_failed("r", &rel, 1));
+        assert!(st.has_failed("r", &rel, 2));
+        assert!(!st.has_failed("r", &rel, 3), "attempt 3 is a retry");
+        assert!(!st.has_failed("other", &rel, 1));
+        // A later failure of the same release replaces the entry.
+        st.attempt = 3;
+        st.remember_failure("r", &release_ref(&rel));
+        assert_eq!(st.failed.len(), 1);
+        assert!(st.has_failed("r", &rel, 3));
+    }
 
     #[test]
     fn happy_path_walks_the_design_order() {

@@ -75,9 +75,10 @@ async fn cli(h: &ringcast_controller::ControllerHandle, args: &[&str]) -> String
 async fn revert_evidence_outlives_later_events_and_a_restart_and_the_halt_names_the_check() {
     let w = World::new();
     let cfg = w.config(vec![
-        // 1 of 2 failed (0.5) is not above 0.5: the halt waits for both reverts, so its reason
-        // counts both whatever order the engine sees the two reports in.
-        ring("canary", &[100.0], "10m", 2, 0.5),
+        // 1 of 2 failed (0.5) is not above 0.5, and one commit would still meet a gate of
+        // one: the halt waits for both reverts, so its reason counts both whatever order the
+        // engine sees the two reports in.
+        ring("canary", &[100.0], "10m", 1, 0.5),
         ring("broad", &[100.0], "10m", 2, 0.2),
     ]);
     let h = w.start(cfg.clone()).await;

@@ -333,6 +333,7 @@ async fn blocked_release_unknown_device_and_unknown_release_are_refused() {
         windows: vec![],
         timezone: "UTC".into(),
         updated_at: testkit::now(),
+        attempt: 1,
     };
     fleet
         .client

@@ -39,6 +39,7 @@ fn reports(topics: &Topics, round: u64) -> Vec<(String, Vec<u8>)> {
                 windows: vec![],
                 timezone: "Europe/Berlin".into(),
                 updated_at: testkit::now(),
+                attempt: 1,
             };
             (topics.state(&device), r.to_bytes())
         })

@@ -293,6 +293,9 @@ pub struct RingView {
     pub tally: Tally,
     /// Approval, for manual rings.
     pub approval: Option<Approval>,
+    /// Attempts, once the ring was reached: the directive's attempt and how many are allowed.
+    #[serde(default)]
+    pub attempt: Option<crate::model::RingAttempt>,
 }
 
 /// A rollout as the API shows it.
@@ -385,6 +388,7 @@ fn rollout_view(app: &App, r: &Rollout) -> RolloutView {
                 percent,
                 tally,
                 approval: r.approvals.get(&rp.name).cloned(),
+                attempt: r.attempts.get(&rp.name).cloned(),
             }
         })
         .collect();
@@ -732,6 +736,7 @@ async fn act_rollout(
         "pause" => (RolloutAction::Pause, ApiRole::Operator),
         "resume" => (RolloutAction::Resume, ApiRole::Operator),
         "abort" => (RolloutAction::Abort, ApiRole::Operator),
+        "retry" => (RolloutAction::Retry, ApiRole::Operator),
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -1201,6 +1206,7 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
                     ("pending", t.pending),
                     ("unresponsive", t.unresponsive),
                     ("refused", t.refused),
+                    ("retrying", t.retrying),
                     ("in_ramp", t.in_ramp),
                 ] {
                     ring_lines.push(format!(

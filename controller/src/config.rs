@@ -125,7 +125,21 @@ pub struct RingPolicy {
     /// `on_failure`). `0s` = no limit. Unset: see [`RingPolicy::step_timeout`].
     #[serde(default, rename = "step_timeout")]
     pub step_timeout_setting: Option<Dur>,
+    /// How many times a device whose install failed in this ring is asked to try again
+    /// within the rollout (0 = never); a failure counts against the gate only after the last.
+    #[serde(default)]
+    pub retries: u32,
+    /// Wait before the first retry; each further one waits twice as long as the one before.
+    #[serde(default = "default_retry_backoff")]
+    pub retry_backoff: Dur,
 }
+
+fn default_retry_backoff() -> Dur {
+    Dur::secs(600)
+}
+
+/// Most retries a ring may ask for.
+pub const MAX_RETRIES: u32 = 10;
 
 /// `step_timeout` of a ring without delivery windows, when the policy sets none.
 pub const DEFAULT_STEP_TIMEOUT: Dur = Dur::secs(24 * 3600);
@@ -690,6 +704,20 @@ impl Policy {
                     file,
                     at("check_attempts"),
                     "at least one attempt is required",
+                ));
+            }
+            if r.retries > MAX_RETRIES {
+                return Err(cfg_err(
+                    file,
+                    at("retries"),
+                    format!("at most {MAX_RETRIES} retries"),
+                ));
+            }
+            if r.retries > 0 && r.retry_backoff.get().is_zero() {
+                return Err(cfg_err(
+                    file,
+                    at("retry_backoff"),
+                    "a retry needs a backoff above 0s",
                 ));
             }
             let g = r.gate;

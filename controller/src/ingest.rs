@@ -319,6 +319,7 @@ mod tests {
             windows: vec![],
             timezone: "UTC".into(),
             updated_at: testkit::now(),
+            attempt: 1,
         }
     }
 

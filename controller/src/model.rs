@@ -226,6 +226,28 @@ pub struct Rollout {
     /// Delivery insight: when half, then all, of the compatible fleet ran the release.
     #[serde(default)]
     pub insight: RolloutInsight,
+    /// Retry state per ring it reached (rings without an entry are at attempt 1 of 1).
+    #[serde(default)]
+    pub attempts: BTreeMap<String, RingAttempt>,
+}
+
+/// Where a ring is in its attempts for a rollout: the directive's `attempt`, how many the
+/// ring allows (1 + `retries`, raised by an operator's `retry`), and when the attempt began.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingAttempt {
+    /// The attempt the ring's directive carries.
+    pub attempt: u32,
+    /// Attempts allowed before a failure counts as one.
+    pub max: u32,
+    /// When `attempt` was published.
+    pub at: Timestamp,
+}
+
+impl RingAttempt {
+    /// Whether a device that failed at `attempt` will get (or already has) another one.
+    pub fn will_retry(&self, failed_at: u32) -> bool {
+        failed_at < self.max.max(self.attempt)
+    }
 }
 
 /// Timestamps the engine records for delivery insight (DESIGN.md "Delivery insight").
@@ -361,6 +383,10 @@ pub struct Tally {
     /// `incompatible`): never pending, never a success.
     #[serde(default)]
     pub refused: u32,
+    /// Devices of the ramp whose install failed at an attempt the ring will retry: neither
+    /// a failure nor a success yet.
+    #[serde(default)]
+    pub retrying: u32,
     /// Reported, not finished, still talking.
     pub pending: u32,
     /// Reported, not finished, silent past the timeout.

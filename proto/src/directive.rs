@@ -80,6 +80,22 @@ pub struct Directive {
     /// Activation constraints.
     #[serde(default)]
     pub activation: Activation,
+    /// Which attempt of the rollout on this ring (1, 2, …). A device whose install of the
+    /// release failed in this rollout at attempt `n` tries it again only when a directive asks
+    /// with an attempt above `n`: a retry, never a loop on a re-signed directive. Absent on
+    /// the wire when 1.
+    #[serde(default = "first_attempt", skip_serializing_if = "is_first_attempt")]
+    pub attempt: u32,
+}
+
+/// The first attempt (the default of [`Directive::attempt`] and [`crate::StateReport::attempt`]).
+pub fn first_attempt() -> u32 {
+    1
+}
+
+/// Whether `n` is the first attempt (then the field is left off the wire).
+pub fn is_first_attempt(n: &u32) -> bool {
+    *n == 1
 }
 
 impl Directive {
@@ -106,6 +122,11 @@ impl Directive {
         }
         if self.action == Action::Install && self.release.is_none() {
             return Err(Rejection::malformed("install directive carries no release"));
+        }
+        if self.attempt == 0 {
+            return Err(Rejection::malformed(
+                "directive attempt is 0 (attempts count from 1)",
+            ));
         }
         check_list("activation.windows", &self.activation.windows, 16)?;
         if let Some(tz) = &self.activation.timezone {

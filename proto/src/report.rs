@@ -111,6 +111,14 @@ pub struct StateReport {
     /// controller counts the device as `refused` for that rollout, never as pending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<Refusal>,
+    /// The attempt of the rollout's directive the phase belongs to (see
+    /// [`crate::Directive::attempt`]): a `failed` report at attempt 1 of a ring allowed two
+    /// retries is a device that will try again. Absent on the wire when 1.
+    #[serde(
+        default = "crate::directive::first_attempt",
+        skip_serializing_if = "crate::directive::is_first_attempt"
+    )]
+    pub attempt: u32,
     /// The device's own delivery windows.
     #[serde(default)]
     pub windows: Vec<Window>,
@@ -370,6 +378,7 @@ mod tests {
             windows: vec![],
             timezone: "UTC".into(),
             updated_at: "2026-11-23T00:00:00Z".parse().unwrap(),
+            attempt: 1,
         }
     }
 

@@ -168,6 +168,7 @@ impl Fixture {
             release: Some(release),
             percent: Percent::FULL,
             activation: Activation::default(),
+            attempt: 1,
         }
     }
 }

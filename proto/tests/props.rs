@@ -202,6 +202,7 @@ fn directive() -> impl Strategy<Value = Directive> {
                         windows: act.1,
                         timezone: act.2.map(str::to_owned),
                     },
+                    attempt: 1,
                 }
             },
         )
@@ -272,6 +273,7 @@ fn state_report() -> impl Strategy<Value = StateReport> {
                     windows,
                     timezone: "Europe/Berlin".into(),
                     updated_at: at,
+                    attempt: 1,
                 }
             },
         )
@@ -690,6 +692,7 @@ proptest! {
             windows: vec![Window::parse("Mon-Fri 02:00-04:00").unwrap()],
             timezone: "UTC".into(),
             updated_at: testkit::now(),
+            attempt: 1,
         };
         let _ = StateReport::parse(&mutate(report.to_bytes(), &ms));
     }

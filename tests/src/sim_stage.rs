@@ -87,6 +87,8 @@ pub fn ring(
         check_retry: Dur::secs(60),
         check_attempts: 3,
         step_timeout_setting: None,
+        retries: 0,
+        retry_backoff: Dur::secs(600),
     }
 }
 

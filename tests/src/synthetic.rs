@@ -34,6 +34,7 @@ pub fn report(device: &str, seq: u64, phase: Phase) -> StateReport {
         windows: vec![],
         timezone: "UTC".into(),
         updated_at: ringcast_proto::jiff::Timestamp::now(),
+        attempt: 1,
     }
 }
 

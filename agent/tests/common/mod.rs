@@ -374,6 +374,7 @@ pub fn directive(f: &Fixture, rollout: &str, r: &Release) -> Directive {
         release: Some(r.sign(&[&f.release])),
         percent: Percent::FULL,
         activation: Activation::default(),
+        attempt: 1,
     }
 }
 

@@ -1,4 +1,4 @@
-//! `ringcast rollout list|show|approve|pause|resume|abort`.
+//! `ringcast rollout list|show|approve|pause|resume|abort|retry`.
 
 use super::common::{bar, block_on, print_json, table, Conn};
 use clap::Subcommand;
@@ -45,6 +45,15 @@ enum RolloutCommand {
         /// Rollout id.
         id: String,
     },
+    /// Ask the devices whose install failed to try again now (the next attempt), past the
+    /// ring's `retries` and backoff.
+    Retry {
+        /// Rollout id.
+        id: String,
+        /// Only this ring.
+        #[arg(long)]
+        ring: Option<String>,
+    },
 }
 
 /// Run `ringcast rollout …`.
@@ -83,6 +92,7 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
         RolloutCommand::Pause { id } => act(&c, &id, "pause", None, json),
         RolloutCommand::Resume { id } => act(&c, &id, "resume", None, json),
         RolloutCommand::Abort { id } => act(&c, &id, "abort", None, json),
+        RolloutCommand::Retry { id, ring } => act(&c, &id, "retry", ring.as_deref(), json),
     }
 }
 
@@ -134,16 +144,22 @@ fn show(r: &RolloutView) {
             vec![
                 g.name.clone(),
                 format!(
-                    "{}{}",
+                    "{}{}{}",
                     g.status,
                     g.approval
                         .as_ref()
                         .map(|a| format!(" (approved by {})", a.by))
+                        .unwrap_or_default(),
+                    g.attempt
+                        .as_ref()
+                        .filter(|a| a.max > 1)
+                        .map(|a| format!(" (attempt {}/{})", a.attempt, a.max))
                         .unwrap_or_default()
                 ),
                 pct,
                 format!("{} {}/{}", bar(t.committed, total, 20), t.committed, total),
                 t.failed.to_string(),
+                t.retrying.to_string(),
                 t.pending.to_string(),
                 t.unresponsive.to_string(),
             ]
@@ -156,6 +172,7 @@ fn show(r: &RolloutView) {
             "ramp",
             "committed",
             "failed",
+            "retrying",
             "pending",
             "silent",
         ],

@@ -315,6 +315,8 @@ pub fn policy(sizes: &[(String, usize)], bake: Duration) -> Policy {
             check_retry: Dur::secs(60),
             check_attempts: 3,
             step_timeout_setting: None,
+            retries: 0,
+            retry_backoff: Dur::secs(600),
         })
         .collect();
     Policy {

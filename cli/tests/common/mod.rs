@@ -60,6 +60,8 @@ pub fn ring(name: &str, steps: &[f64], bake: &str, min_reports: u32, max_rate: f
         check_retry: Dur::secs(60),
         check_attempts: 3,
         step_timeout_setting: None,
+        retries: 0,
+        retry_backoff: Dur::secs(600),
     }
 }
 
@@ -349,6 +351,7 @@ impl Fleet {
             windows: vec![],
             timezone: "UTC".into(),
             updated_at: testkit::now(),
+            attempt: 1,
         };
         self.client
             .publish(

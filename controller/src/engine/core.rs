@@ -15,8 +15,8 @@ use crate::audit::Record;
 use crate::config::{OnFailure, OnNewRelease, Policy, Promotion, RingPolicy};
 use crate::error::{Error, Result};
 use crate::model::{
-    Approval, DevicePin, ReleaseRecord, RingDirective, Rollout, RolloutState, Stage, StepRecord,
-    Tally, LEGACY_RING_PREFIX,
+    Approval, DevicePin, ReleaseRecord, RingAttempt, RingDirective, Rollout, RolloutState, Stage,
+    StepRecord, Tally, LEGACY_RING_PREFIX,
 };
 use jiff::{SignedDuration, Timestamp};
 use ringcast_proto::{
@@ -119,7 +119,7 @@ impl Core {
                 ring,
                 actor,
             } => self
-                .act(&rollout, action, ring, &actor, now, &mut out)
+                .act(&rollout, action, ring, &actor, now, fleet, &mut out)
                 .map(Reply::Rollout),
             Input::Unblock { release, actor } => {
                 self.unblock(&release, &actor, &mut out).map(Reply::Release)
@@ -343,6 +343,15 @@ impl Core {
             release: (action == Action::Install).then_some(release).flatten(),
             percent: spec.percent,
             activation: spec.activation.clone(),
+            attempt: match &spec.device {
+                Some(_) => 1,
+                None => self
+                    .state
+                    .rollouts
+                    .get(&spec.rollout_id)
+                    .and_then(|r| r.attempts.get(&spec.ring))
+                    .map_or(1, |a| a.attempt),
+            },
         };
         let topic = match &spec.device {
             Some(device) => self.cfg.topics.device_directive(device),
@@ -460,6 +469,11 @@ impl Core {
         }
         if r.paused {
             return false;
+        }
+        if let RolloutState::Active { .. } = r.state {
+            if self.retry_due(&r, now, fleet, out) {
+                return true;
+            }
         }
         match r.state.clone() {
             RolloutState::Queued => {
@@ -722,6 +736,65 @@ impl Core {
         })
     }
 
+    /// Ask devices whose install failed to try again, on every ring the rollout reached that
+    /// allows another attempt and whose backoff (`retry_backoff`, doubled for each attempt
+    /// after the first) has passed. `true` when a ring moved to its next attempt.
+    fn retry_due(&mut self, r: &Rollout, now: Timestamp, fleet: &Fleet<'_>, out: &mut Out) -> bool {
+        let mut moved = false;
+        for ring in &r.rings_reached {
+            let (Some(a), Some(rp)) = (r.attempts.get(ring), self.ring_policy(ring)) else {
+                continue;
+            };
+            if a.attempt >= a.max {
+                continue;
+            }
+            let wait = (0..a.attempt.saturating_sub(1).min(20))
+                .fold(rp.retry_backoff.signed(), |w, _| w.saturating_mul(2));
+            if now < a.at.checked_add(wait).unwrap_or(Timestamp::MAX) {
+                continue;
+            }
+            let failed = fleet.failed_at(r, ring, self.percent_on(r, ring), a.attempt);
+            if failed == 0 {
+                continue;
+            }
+            let detail = format!(
+                "attempt {} of {}: {failed} device(s) of the ramp failed at attempt {}",
+                a.attempt + 1,
+                a.max,
+                a.attempt
+            );
+            self.next_attempt(&r.id, ring, a.max, now, out);
+            out.audit(Record::auto("retry", &r.id, Some(ring), detail));
+            moved = true;
+        }
+        moved
+    }
+
+    /// Move `ring` of rollout `id` to its next attempt (allowing at least `max`) and re-sign
+    /// the ring's directive, if it is still this rollout's, with it.
+    fn next_attempt(&mut self, id: &str, ring: &str, max: u32, now: Timestamp, out: &mut Out) {
+        let Some(rr) = self.state.rollouts.get_mut(id) else {
+            return;
+        };
+        let a = rr.attempts.entry(ring.to_owned()).or_insert(RingAttempt {
+            attempt: 1,
+            max: 1,
+            at: now,
+        });
+        a.attempt += 1;
+        a.max = a.max.max(max).max(a.attempt);
+        a.at = now;
+        info!(ring, attempt = a.attempt, "retrying failed devices");
+        out.changes.rollouts.insert(id.to_owned());
+        if let Some(mut spec) = self.state.rings.get(ring).cloned() {
+            if spec.rollout_id == id {
+                self.sign(&mut spec, now, out);
+                self.state.rings.insert(ring.to_owned(), spec);
+                out.changes.rings.insert(ring.to_owned());
+            }
+        }
+    }
+
     fn mark_passed(&mut self, id: &str, ring: &str, step: usize, now: Timestamp, out: &mut Out) {
         if let Some(r) = self.state.rollouts.get_mut(id) {
             if let Some(h) = r
@@ -745,6 +818,15 @@ impl Core {
         out: &mut Out,
     ) {
         let percent = rp.steps[step];
+        // The ring's attempts: kept across its steps, allowed as many as the policy says now.
+        if let Some(rr) = self.state.rollouts.get_mut(&r.id) {
+            let a = rr.attempts.entry(rp.name.clone()).or_insert(RingAttempt {
+                attempt: 1,
+                max: 1,
+                at: now,
+            });
+            a.max = a.max.max(1 + rp.retries);
+        }
         let activation = Activation {
             not_before: r.activate_at,
             windows: rp.windows.clone(),
@@ -1245,6 +1327,7 @@ impl Core {
             history: Vec::new(),
             ended_at: None,
             insight: Default::default(),
+            attempts: BTreeMap::new(),
         };
         self.state.releases.insert(id.clone(), rec.clone());
         out.changes.releases.insert(id.clone());
@@ -1293,6 +1376,7 @@ impl Core {
         Ok((rec, rollout, warnings))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn act(
         &mut self,
         id: &str,
@@ -1300,6 +1384,7 @@ impl Core {
         ring: Option<String>,
         actor: &Actor,
         now: Timestamp,
+        fleet: &Fleet<'_>,
         out: &mut Out,
     ) -> Result<Rollout> {
         let r = self.rollout(id)?;
@@ -1308,6 +1393,9 @@ impl Core {
                 "rollout_finished",
                 format!("rollout {id} is {}", r.state.phase()),
             ));
+        }
+        if action == RolloutAction::Retry {
+            return self.retry_now(&r, ring, actor, now, fleet, out);
         }
         let mut ring_name = None;
         let mut next = r.clone();
@@ -1389,6 +1477,7 @@ impl Core {
                 next.state = RolloutState::Aborted;
                 next.ended_at = Some(now);
             }
+            RolloutAction::Retry => unreachable!("handled above"),
         }
         // Validated: from here on it changes.
         out.audit(actor.record(
@@ -1403,6 +1492,59 @@ impl Core {
             self.stop_rings(&next, "aborted", now, out);
         }
         Ok(next)
+    }
+
+    /// An operator's `retry`: every reached ring (or the named one) with devices that failed
+    /// at its current attempt moves to the next attempt now, past its `retries` and backoff.
+    fn retry_now(
+        &mut self,
+        r: &Rollout,
+        ring: Option<String>,
+        actor: &Actor,
+        now: Timestamp,
+        fleet: &Fleet<'_>,
+        out: &mut Out,
+    ) -> Result<Rollout> {
+        if let Some(name) = &ring {
+            if !r.rings_reached.contains(name) {
+                return Err(Error::conflict(
+                    "not_reached",
+                    format!("rollout {} has not reached ring {name}", r.id),
+                ));
+            }
+        }
+        let rings: Vec<(String, u32, u32)> = r
+            .rings_reached
+            .iter()
+            .filter(|g| ring.as_ref().is_none_or(|n| n == *g))
+            .filter_map(|g| {
+                let attempt = r.attempts.get(g).map_or(1, |a| a.attempt);
+                let failed = fleet.failed_at(r, g, self.percent_on(r, g), attempt);
+                (failed > 0).then(|| (g.clone(), attempt, failed))
+            })
+            .collect();
+        if rings.is_empty() {
+            return Err(Error::conflict(
+                "nothing_to_retry",
+                format!(
+                    "no device of rollout {} failed at its current attempt",
+                    r.id
+                ),
+            ));
+        }
+        for (g, attempt, failed) in &rings {
+            out.audit(actor.record(
+                "retry",
+                Some(&r.id),
+                Some(g),
+                format!(
+                    "attempt {}: {failed} failed device(s) asked again",
+                    attempt + 1
+                ),
+            ));
+            self.next_attempt(&r.id, g, attempt + 1, now, out);
+        }
+        self.rollout(&r.id)
     }
 
     fn unblock(&mut self, id: &str, actor: &Actor, out: &mut Out) -> Result<ReleaseRecord> {

@@ -86,6 +86,11 @@ impl<'a> Fleet<'a> {
         self.complete
     }
 
+    /// Devices of the ramp that failed at `attempt` or later (see [`gate::failed_at`]).
+    pub fn failed_at(&self, rollout: &Rollout, ring: &str, percent: Percent, attempt: u32) -> u32 {
+        gate::failed_at(self.devices, rollout, ring, percent, attempt)
+    }
+
     /// The ring's tally for `rollout` at the ramp `percent`.
     pub fn tally(&self, rollout: &Rollout, ring: &str, percent: Percent, now: Timestamp) -> Tally {
         gate::tally(

@@ -51,7 +51,10 @@ pub fn tally(
         if r.phase == Phase::Committed && ours(rollout, &r.current) {
             t.committed += 1;
         } else if r.phase.is_failure() && ours(rollout, &r.target) {
-            t.failed += 1;
+            match rollout.attempts.get(ring) {
+                Some(a) if a.will_retry(r.attempt) => t.retrying += 1,
+                _ => t.failed += 1,
+            }
         } else if now.duration_since(d.last_seen) > unresponsive_after {
             t.unresponsive += 1;
         } else {
@@ -59,6 +62,30 @@ pub fn tally(
         }
     }
     t
+}
+
+/// Devices of `ring`'s ramp whose install of the rollout's release failed at `attempt` or
+/// later: the ones a retry (a directive at a higher attempt) would send back to work.
+pub fn failed_at(
+    devices: &HashMap<String, DeviceRecord>,
+    rollout: &Rollout,
+    ring: &str,
+    percent: Percent,
+    attempt: u32,
+) -> u32 {
+    let n = devices
+        .values()
+        .filter_map(|d| d.report.as_ref().map(|r| (d, r)))
+        .filter(|(d, r)| {
+            r.ring == ring
+                && in_ramp(&rollout.id, &d.id, percent)
+                && r.rollout_id.as_deref() == Some(rollout.id.as_str())
+                && r.phase.is_failure()
+                && ours(rollout, &r.target)
+                && r.attempt >= attempt
+        })
+        .count();
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Whether the failures seen already exceed what the gate tolerates: a failure rate over
@@ -122,6 +149,8 @@ mod tests {
             check_retry: Dur::secs(60),
             check_attempts: 3,
             step_timeout_setting: Some(Dur::secs(3600)),
+            retries: 0,
+            retry_backoff: Dur::secs(600),
         }
     }
 
@@ -132,9 +161,8 @@ mod tests {
             reported,
             committed,
             failed,
-            refused: 0,
             pending: reported - committed - failed,
-            unresponsive: 0,
+            ..Tally::default()
         }
     }
 
@@ -195,6 +223,7 @@ mod tests {
             history: vec![],
             ended_at: None,
             insight: Default::default(),
+            attempts: BTreeMap::new(),
         }
     }
 
@@ -215,6 +244,7 @@ mod tests {
             windows: vec![],
             timezone: "UTC".into(),
             updated_at: testkit::now(),
+            attempt: 1,
         }
     }
 

@@ -228,9 +228,8 @@ mod tests {
             reported,
             committed,
             failed,
-            refused: 0,
             pending: reported - committed - failed,
-            unresponsive: 0,
+            ..Tally::default()
         }
     }
 

@@ -109,6 +109,8 @@ pub enum RolloutAction {
     Resume,
     /// Stop for good; rings it reached get `hold`.
     Abort,
+    /// Ask the devices whose install failed to try again now (the next attempt).
+    Retry,
 }
 
 impl RolloutAction {
@@ -119,6 +121,7 @@ impl RolloutAction {
             RolloutAction::Pause => "pause",
             RolloutAction::Resume => "resume",
             RolloutAction::Abort => "abort",
+            RolloutAction::Retry => "retry",
         }
     }
 }

@@ -15,6 +15,7 @@ mod halts;
 mod new_release;
 mod operator;
 mod restarts;
+mod retries;
 mod submit;
 mod windows;
 
@@ -74,6 +75,8 @@ pub(super) fn ring(name: &str) -> RingPolicy {
         check_retry: Dur::secs(300),
         check_attempts: 3,
         step_timeout_setting: None,
+        retries: 0,
+        retry_backoff: Dur::secs(600),
     }
 }
 
@@ -255,6 +258,7 @@ impl Harness {
             windows: vec![],
             timezone: "UTC".into(),
             updated_at: self.now,
+            attempt: 1,
         };
         self.devices.insert(
             device.into(),
@@ -276,7 +280,6 @@ impl Harness {
             .unwrap_or_else(|| panic!("unknown device {device}"))
     }
 
-    /// `device` reports `phase` for the last submitted rollout.
     /// Forget `device` (its report has not been re-read yet after a restart); returns its
     /// record for [`Harness::remember`].
     pub(super) fn forget(&mut self, device: &str) -> DeviceRecord {
@@ -290,6 +293,7 @@ impl Harness {
         self.devices.insert(record.id.clone(), record);
     }
 
+    /// `device` reports `phase` for the last submitted rollout.
     pub(super) fn report(&mut self, device: &str, phase: Phase) {
         let rollout = self.rollout.clone();
         self.report_for(device, &rollout, phase);
@@ -301,6 +305,14 @@ impl Harness {
         let ring = self.device_ring(device);
         let current = (phase == Phase::Committed).then(|| release_ref(APP, seq));
         self.put(device, &ring, phase, Some((rollout, seq)), None, current);
+    }
+
+    /// `device` reports `phase` for the last submitted rollout at directive attempt `attempt`.
+    pub(super) fn report_attempt(&mut self, device: &str, phase: Phase, attempt: u32) {
+        self.report(device, phase);
+        if let Some(r) = self.devices.get_mut(device).and_then(|d| d.report.as_mut()) {
+            r.attempt = attempt;
+        }
     }
 
     /// Every device of `ring` reports `phase` for the last submitted rollout.
