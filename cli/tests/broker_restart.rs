@@ -130,6 +130,7 @@ async fn broker_restart_mid_rollout_loses_nothing_and_rollout_completes() {
                 envelope: w.release(2),
                 start_at: None,
                 activate_at: None,
+                launch: None,
             },
             ops,
         )
@@ -197,6 +198,7 @@ async fn broker_restart_mid_rollout_loses_nothing_and_rollout_completes() {
     })
     .await;
     assert_eq!(h.shared().counters.events.load(Ordering::Relaxed), 1);
+    wait_baking(&h, &ro.id, "canary", 0).await;
     w.advance("10m");
     wait_for(10, "broad directive", || watch.get("broad")).await;
     h.shutdown().await;

@@ -110,6 +110,7 @@ async fn three_of_ten_reverted_halts_within_a_second_and_rolls_back() {
                 envelope: w.release(3),
                 start_at: None,
                 activate_at: None,
+                launch: None,
             },
             ops(),
         )
@@ -226,6 +227,7 @@ async fn audit_verify_names_the_entry_after_any_single_byte_change_in_the_db() {
                     envelope: w.release(seq),
                     start_at: None,
                     activate_at: None,
+                    launch: None,
                 },
                 ops(),
             )
@@ -345,6 +347,7 @@ async fn artifacts_are_served_by_digest_with_range_and_submit_checks_them() {
         envelope: env,
         start_at: None,
         activate_at: None,
+        launch: None,
     };
     let e = op.submit(&req).await.unwrap_err();
     assert!(e.to_string().contains("artifact_missing"), "{e}");
@@ -355,6 +358,7 @@ async fn artifacts_are_served_by_digest_with_range_and_submit_checks_them() {
         envelope: r.sign(&[&w.fx.release]),
         start_at: None,
         activate_at: None,
+        launch: None,
     };
     op.submit(&req).await.unwrap();
 
@@ -365,6 +369,7 @@ async fn artifacts_are_served_by_digest_with_range_and_submit_checks_them() {
             envelope: forged,
             start_at: None,
             activate_at: None,
+            launch: None,
         })
         .await
         .unwrap_err();

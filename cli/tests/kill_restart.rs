@@ -115,6 +115,7 @@ gate = { min_reports = 1, max_failure_rate = 0.2 }
             envelope: env,
             start_at: None,
             activate_at: None,
+            launch: None,
         })
         .await
         .unwrap();
@@ -223,6 +224,7 @@ gate = { min_reports = 1, max_failure_rate = 0.2 }
                 envelope: r.sign(&[&w.fx.release]),
                 start_at: None,
                 activate_at: None,
+                launch: None,
             })
             .await
             .unwrap_or_else(|e| panic!("round {round}: submit: {e}"));

@@ -458,6 +458,7 @@ async fn a_new_rollout_on_the_ring_ends_the_pin_so_re_signing_never_pins_again()
                 envelope: w.release(3),
                 start_at: Some(w.clock.now() + jiff::SignedDuration::from_hours(48)),
                 activate_at: None,
+                launch: None,
             },
             ops(),
         )

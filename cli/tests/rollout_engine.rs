@@ -144,6 +144,7 @@ async fn manual_ring_waits_for_an_approver_and_operator_gets_403() {
             envelope: w.release(2),
             start_at: None,
             activate_at: None,
+            launch: None,
         })
         .await
         .unwrap();
@@ -257,6 +258,7 @@ async fn store_scheduled_release_stages_first_and_activates_together() {
                 envelope: w.release(2),
                 start_at: None,
                 activate_at: Some(at),
+                launch: None,
             },
             ops(),
         )
@@ -481,6 +483,7 @@ async fn new_release_supersedes_when_auto_and_queues_when_manual() {
                 envelope: w.release(1),
                 start_at: None,
                 activate_at: None,
+                launch: None,
             },
             ops(),
         )
@@ -525,6 +528,7 @@ async fn directives_are_resigned_before_they_expire_and_trust_is_retained() {
                 envelope: w.release(2),
                 start_at: None,
                 activate_at: None,
+                launch: None,
             },
             ops(),
         )
@@ -588,6 +592,7 @@ async fn scheduled_rollout_publishes_nothing_before_its_start() {
                 envelope: w.release(2),
                 start_at: Some(start),
                 activate_at: None,
+                launch: None,
             },
             ops(),
         )
@@ -724,6 +729,7 @@ async fn submit_applies_every_rule_an_agent_applies_before_anything_changes() {
             envelope: w.release(seq),
             start_at: None,
             activate_at: None,
+            launch: None,
         })
         .await
         .unwrap();
@@ -733,6 +739,7 @@ async fn submit_applies_every_rule_an_agent_applies_before_anything_changes() {
             envelope: w.release(1),
             start_at: None,
             activate_at: None,
+            launch: None,
         })
         .await
         .unwrap_err();
@@ -757,6 +764,7 @@ async fn submit_warns_of_a_ring_smaller_than_its_gate() {
             envelope: w.release(2),
             start_at: None,
             activate_at: None,
+            launch: None,
         })
         .await
         .unwrap();

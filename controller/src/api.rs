@@ -13,7 +13,8 @@
 //! | PUT | `/api/v1/artifacts?sha256=&size=` | operator | raw body, streamed into the content-addressed store; checked against the optional declared digest and size |
 //! | GET | `/api/v1/rollouts`, `/api/v1/rollouts/{id}` | viewer | state, per-ring tallies |
 //! | POST | `/api/v1/rollouts/{id}/approve` | approver | `{ring?}`: approve a `manual` ring |
-//! | POST | `/api/v1/rollouts/{id}/pause\|resume\|abort` | operator | |
+//! | POST | `/api/v1/rollouts/{id}/pause\|resume\|abort\|retry` | operator | |
+//! | POST | `/api/v1/rollouts/{id}/launch` | operator | `{at}`: move a launch to `at`, or hold it (`null`) |
 //! | GET | `/api/v1/devices?ring=&phase=&rollout=`, `/api/v1/devices/{id}` | viewer | latest report, prediction, pin; one device also its recent `events`, newest first |
 //! | POST | `/api/v1/devices/{id}/pin` | approver | `{release_id}`: pin the device to a release (per-device directive) |
 //! | DELETE | `/api/v1/devices/{id}/pin` | approver | end the pin: the device follows its ring again |
@@ -45,7 +46,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use jiff::Timestamp;
-use ringcast_proto::{Envelope, Percent};
+use ringcast_proto::{Envelope, Percent, Phase};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -136,6 +137,7 @@ pub fn router(app: App) -> Router {
         .route("/api/v1/artifacts", put(upload_artifact))
         .route("/api/v1/rollouts", get(list_rollouts))
         .route("/api/v1/rollouts/{id}", get(show_rollout))
+        .route("/api/v1/rollouts/{id}/launch", post(launch_rollout))
         .route("/api/v1/rollouts/{id}/{action}", post(act_rollout))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(show_device))
@@ -296,6 +298,13 @@ pub struct RingView {
     /// Attempts, once the ring was reached: the directive's attempt and how many are allowed.
     #[serde(default)]
     pub attempt: Option<crate::model::RingAttempt>,
+    /// Devices of the ring that downloaded and verified the release and wait to activate it.
+    #[serde(default)]
+    pub staged: u32,
+    /// Before a launch: devices expected ready at the launch, i.e. staged now plus those
+    /// downloading or verifying it now (a device that has not started counts as not ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_at_launch: Option<u32>,
 }
 
 /// A rollout as the API shows it.
@@ -327,6 +336,9 @@ pub struct RolloutView {
     pub rings: Vec<RingView>,
     /// Steps published.
     pub history: Vec<StepRecord>,
+    /// The launch, for a rollout with `activate_at`.
+    #[serde(default)]
+    pub launch: Option<crate::model::Launch>,
     /// Full state.
     pub state: RolloutState,
 }
@@ -379,7 +391,26 @@ fn rollout_view(app: &App, r: &Rollout) -> RolloutView {
                 now,
                 shared.policy.unresponsive_after.signed(),
             );
+            let count = |phases: &[Phase]| -> u32 {
+                let n = devices
+                    .values()
+                    .filter_map(|d| d.report.as_ref())
+                    .filter(|x| {
+                        x.ring == rp.name
+                            && x.rollout_id.as_deref() == Some(r.id.as_str())
+                            && phases.contains(&x.phase)
+                    })
+                    .count();
+                u32::try_from(n).unwrap_or(u32::MAX)
+            };
+            let staged = count(&[Phase::Staged]);
+            let before_launch = r.launch.as_ref().is_some_and(|l| l.held)
+                || r.launch.is_some() && r.activate_at.is_some_and(|a| now < a);
+            let ready_at_launch = (before_launch && standing.is_some())
+                .then(|| count(&[Phase::Staged, Phase::Downloading, Phase::Verifying]));
             RingView {
+                staged,
+                ready_at_launch,
                 name: rp.name.clone(),
                 promotion: rp.promotion,
                 steps: rp.steps.clone(),
@@ -420,6 +451,7 @@ fn rollout_view(app: &App, r: &Rollout) -> RolloutView {
         rings,
         history: r.history.clone(),
         state: r.state.clone(),
+        launch: r.launch.clone(),
     }
 }
 
@@ -441,9 +473,12 @@ pub struct SubmitRequest {
     /// Scheduled start.
     #[serde(default)]
     pub start_at: Option<Timestamp>,
-    /// Store-scheduled activation time.
+    /// Store-scheduled activation time: a launch (every ring pre-stages at the start).
     #[serde(default)]
     pub activate_at: Option<Timestamp>,
+    /// With `activate_at`: `rings` (default: ring by ring after the launch) or `all`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<crate::model::LaunchMode>,
 }
 
 /// Answer of `POST /api/v1/releases`.
@@ -474,6 +509,8 @@ struct RawSubmit<'a> {
     start_at: Option<Timestamp>,
     #[serde(default)]
     activate_at: Option<Timestamp>,
+    #[serde(default)]
+    launch: Option<crate::model::LaunchMode>,
 }
 
 fn too_large(detail: String) -> ApiError {
@@ -516,6 +553,7 @@ async fn submit_release(
                 envelope,
                 start_at: raw.start_at,
                 activate_at: raw.activate_at,
+                launch: raw.launch,
             },
             actor,
         )
@@ -753,6 +791,27 @@ async fn act_rollout(
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.to_string()))?
     };
     let r = app.engine.act(id, act, req.ring, actor).await?;
+    Ok(Json(rollout_view(&app, &r)))
+}
+
+/// Body of `POST /api/v1/rollouts/{id}/launch`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchRequest {
+    /// The new launch time; `null` holds the launch (nothing activates, staged bytes stay).
+    pub at: Option<Timestamp>,
+}
+
+async fn launch_rollout(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<RolloutView>> {
+    let actor = authorize(&app, &headers, ApiRole::Operator, "launch", Some(&id))?;
+    let req: LaunchRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.to_string()))?;
+    let r = app.engine.launch(id, req.at, actor).await?;
     Ok(Json(rollout_view(&app, &r)))
 }
 

@@ -195,6 +195,23 @@ impl Client {
         .await
     }
 
+    /// Move a launch to `at`, or hold it (`None`).
+    pub async fn launch(
+        &self,
+        id: &str,
+        at: Option<jiff::Timestamp>,
+    ) -> Result<RolloutView, ClientError> {
+        let body = crate::api::LaunchRequest { at };
+        self.send(
+            self.req(
+                reqwest::Method::POST,
+                &format!("/api/v1/rollouts/{id}/launch"),
+            )
+            .json(&body),
+        )
+        .await
+    }
+
     /// List devices with filters.
     pub async fn devices(
         &self,

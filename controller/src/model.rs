@@ -229,7 +229,41 @@ pub struct Rollout {
     /// Retry state per ring it reached (rings without an entry are at attempt 1 of 1).
     #[serde(default)]
     pub attempts: BTreeMap<String, RingAttempt>,
+    /// Set for a launch (a rollout with `activate_at`): every ring pre-stages at the start.
+    #[serde(default)]
+    pub launch: Option<Launch>,
 }
+
+/// How a launch's rings activate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LaunchMode {
+    /// The first ring at the launch time, each further ring when the one before it passes
+    /// its gate (as any rollout); every ring has downloaded and verified it beforehand.
+    #[default]
+    Rings,
+    /// Every ring at the launch time; the gates still halt it ring by ring.
+    All,
+}
+
+/// A launch: pre-staged rings, activated at `activate_at` (moved or held by an operator).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launch {
+    /// How the rings activate.
+    #[serde(default)]
+    pub mode: LaunchMode,
+    /// Cancelled by an operator: nothing activates until a new launch time is set; what
+    /// devices staged stays staged.
+    #[serde(default)]
+    pub held: bool,
+    /// Rings pre-staged ahead of their turn (their directive holds activation until then).
+    #[serde(default)]
+    pub prestaged: Vec<String>,
+}
+
+/// The `not_before` of a directive that may be staged but not activated yet: later than any
+/// launch (devices keep the download, verified, and wait for a re-signed directive).
+pub const HELD: Timestamp = Timestamp::MAX;
 
 /// Where a ring is in its attempts for a rollout: the directive's `attempt`, how many the
 /// ring allows (1 + `retries`, raised by an operator's `retry`), and when the attempt began.

@@ -631,6 +631,7 @@ impl Stage {
                     envelope: env,
                     start_at: None,
                     activate_at: None,
+                    launch: None,
                 },
                 operator(),
             )

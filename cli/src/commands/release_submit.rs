@@ -18,9 +18,21 @@ pub struct Args {
     /// Start the rollout at this time (RFC 3339), default now.
     #[arg(long)]
     start_at: Option<jiff::Timestamp>,
-    /// Store-scheduled release: devices pre-stage and activate together at this time.
+    /// A launch: every ring downloads and verifies the release now and activates it from
+    /// this time (RFC 3339); `ringcast rollout launch` moves or holds it.
     #[arg(long)]
     activate_at: Option<jiff::Timestamp>,
+    /// How a launch's rings activate: `rings` (the first at the launch, each further one
+    /// when the one before passes its gate) or `all` (every ring at the launch).
+    #[arg(long, value_enum, requires = "activate_at")]
+    launch: Option<LaunchArg>,
+}
+
+/// `--launch`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LaunchArg {
+    Rings,
+    All,
 }
 
 /// Run `ringcast release submit`.
@@ -39,6 +51,10 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
         envelope,
         start_at: args.start_at,
         activate_at: args.activate_at,
+        launch: args.launch.map(|l| match l {
+            LaunchArg::Rings => ringcast_controller::model::LaunchMode::Rings,
+            LaunchArg::All => ringcast_controller::model::LaunchMode::All,
+        }),
     };
     let (up, resp) = block_on(async {
         let up = match &args.artifact {

@@ -1,4 +1,4 @@
-//! `ringcast rollout list|show|approve|pause|resume|abort|retry`.
+//! `ringcast rollout list|show|approve|pause|resume|abort|retry|launch`.
 
 use super::common::{bar, block_on, print_json, table, Conn};
 use clap::Subcommand;
@@ -44,6 +44,18 @@ enum RolloutCommand {
     Abort {
         /// Rollout id.
         id: String,
+    },
+    /// Move a launch (a rollout submitted with --activate-at) or hold it; devices keep what
+    /// they staged either way.
+    Launch {
+        /// Rollout id.
+        id: String,
+        /// The new launch time (RFC 3339).
+        #[arg(long, conflicts_with = "hold", required_unless_present = "hold")]
+        at: Option<jiff::Timestamp>,
+        /// Hold the launch: nothing activates until a new --at.
+        #[arg(long)]
+        hold: bool,
     },
     /// Ask the devices whose install failed to try again now (the next attempt), past the
     /// ring's `retries` and backoff.
@@ -92,6 +104,23 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
         RolloutCommand::Pause { id } => act(&c, &id, "pause", None, json),
         RolloutCommand::Resume { id } => act(&c, &id, "resume", None, json),
         RolloutCommand::Abort { id } => act(&c, &id, "abort", None, json),
+        RolloutCommand::Launch { id, at, hold: _ } => {
+            let r = block_on(c.launch(&id, at))??;
+            if json {
+                return print_json(&r);
+            }
+            match r
+                .activate_at
+                .filter(|_| !r.launch.as_ref().is_some_and(|l| l.held))
+            {
+                Some(t) => println!("launch: rollout {} activates at {t}", r.id),
+                None => println!(
+                    "launch: rollout {} is held; devices keep what they staged",
+                    r.id
+                ),
+            }
+            Ok(())
+        }
         RolloutCommand::Retry { id, ring } => act(&c, &id, "retry", ring.as_deref(), json),
     }
 }
@@ -158,6 +187,7 @@ fn show(r: &RolloutView) {
                 ),
                 pct,
                 format!("{} {}/{}", bar(t.committed, total, 20), t.committed, total),
+                g.staged.to_string(),
                 t.failed.to_string(),
                 t.retrying.to_string(),
                 t.pending.to_string(),
@@ -171,6 +201,7 @@ fn show(r: &RolloutView) {
             "status",
             "ramp",
             "committed",
+            "staged",
             "failed",
             "retrying",
             "pending",

@@ -543,6 +543,7 @@ async fn roll(
             envelope,
             start_at: None,
             activate_at: None,
+            launch: None,
         })
         .await?;
     let id = resp.rollout.id.clone();

@@ -167,6 +167,7 @@ impl World {
             envelope: self.release(sequence),
             start_at: None,
             activate_at: None,
+            launch: None,
         };
         match h.engine().submit(submit, ops()).await {
             Ok(v) => v,

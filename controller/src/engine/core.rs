@@ -15,8 +15,8 @@ use crate::audit::Record;
 use crate::config::{OnFailure, OnNewRelease, Policy, Promotion, RingPolicy};
 use crate::error::{Error, Result};
 use crate::model::{
-    Approval, DevicePin, ReleaseRecord, RingAttempt, RingDirective, Rollout, RolloutState, Stage,
-    StepRecord, Tally, LEGACY_RING_PREFIX,
+    Approval, DevicePin, Launch, LaunchMode, ReleaseRecord, RingAttempt, RingDirective, Rollout,
+    RolloutState, Stage, StepRecord, Tally, HELD, LEGACY_RING_PREFIX,
 };
 use jiff::{SignedDuration, Timestamp};
 use ringcast_proto::{
@@ -120,6 +120,9 @@ impl Core {
                 actor,
             } => self
                 .act(&rollout, action, ring, &actor, now, fleet, &mut out)
+                .map(Reply::Rollout),
+            Input::Launch { rollout, at, actor } => self
+                .relaunch(&rollout, at, &actor, now, &mut out)
                 .map(Reply::Rollout),
             Input::Unblock { release, actor } => {
                 self.unblock(&release, &actor, &mut out).map(Reply::Release)
@@ -507,12 +510,15 @@ impl Core {
                 self.set_state(
                     id,
                     RolloutState::Active {
-                        ring: first,
+                        ring: first.clone(),
                         step: 0,
                         stage: Stage::WaitingWindow,
                     },
                     out,
                 );
+                if r.launch.is_some() {
+                    self.prestage(id, &first, now, out);
+                }
                 true
             }
             RolloutState::Active { ring, step, stage } => {
@@ -612,7 +618,10 @@ impl Core {
                     return true;
                 }
                 let limit = rp.step_timeout().signed();
-                if !limit.is_zero() && now.duration_since(since) >= limit {
+                // A launch's step cannot finish before the launch: its time counts from then.
+                let held = r.launch.as_ref().is_some_and(|l| l.held);
+                let since = r.activate_at.map_or(since, |a| since.max(a));
+                if !held && !limit.is_zero() && now.duration_since(since) >= limit {
                     let need = needed(&t, rp, last_step);
                     let reason = timeout_reason(&ring, &t, need, &rp.step_timeout().to_string());
                     self.halt(r, &ring, reason, true, now, out);
@@ -828,7 +837,11 @@ impl Core {
             a.max = a.max.max(1 + rp.retries);
         }
         let activation = Activation {
-            not_before: r.activate_at,
+            not_before: if r.launch.as_ref().is_some_and(|l| l.held) {
+                Some(HELD)
+            } else {
+                r.activate_at
+            },
             windows: rp.windows.clone(),
             timezone: (!rp.windows.is_empty()).then(|| rp.timezone.clone()),
         };
@@ -1104,7 +1117,10 @@ impl Core {
 
     /// Hold the rings a stopped rollout still stands on.
     fn stop_rings(&mut self, r: &Rollout, why: &str, now: Timestamp, out: &mut Out) {
-        for ring in r.rings_reached.clone() {
+        let prestaged = r.launch.iter().flat_map(|l| l.prestaged.iter());
+        let mut rings: Vec<String> = r.rings_reached.iter().chain(prestaged).cloned().collect();
+        rings.dedup();
+        for ring in rings {
             let standing = self.state.rings.get(&ring).map(|d| d.rollout_id.clone());
             if standing.as_deref() == Some(r.id.as_str()) {
                 self.set_ring(
@@ -1328,6 +1344,11 @@ impl Core {
             ended_at: None,
             insight: Default::default(),
             attempts: BTreeMap::new(),
+            launch: s.activate_at.map(|_| Launch {
+                mode: s.launch.unwrap_or_default(),
+                held: false,
+                prestaged: Vec::new(),
+            }),
         };
         self.state.releases.insert(id.clone(), rec.clone());
         out.changes.releases.insert(id.clone());
@@ -1545,6 +1566,157 @@ impl Core {
             self.next_attempt(&r.id, g, attempt + 1, now, out);
         }
         self.rollout(&r.id)
+    }
+
+    /// A launch starts: every ring after `first` gets the release now, at its first step, to
+    /// download and verify; it activates at the launch (`all`) or when its turn comes
+    /// (`rings`: until then its directive says [`HELD`]).
+    fn prestage(&mut self, id: &str, first: &str, now: Timestamp, out: &mut Out) {
+        let Some(r) = self.state.rollouts.get(id).cloned() else {
+            return;
+        };
+        let Some(launch) = r.launch.clone() else {
+            return;
+        };
+        let rings: Vec<RingPolicy> = self
+            .cfg
+            .policy
+            .rings
+            .iter()
+            .filter(|rp| rp.name != first)
+            .cloned()
+            .collect();
+        let mut prestaged = Vec::new();
+        for rp in &rings {
+            let all = launch.mode == LaunchMode::All;
+            let activation = Activation {
+                not_before: if all && !launch.held {
+                    r.activate_at
+                } else {
+                    Some(HELD)
+                },
+                windows: rp.windows.clone(),
+                timezone: (!rp.windows.is_empty()).then(|| rp.timezone.clone()),
+            };
+            self.set_ring(
+                &rp.name,
+                id,
+                Action::Install,
+                Some(r.release_id.clone()),
+                rp.steps[0],
+                activation,
+                now,
+                out,
+            );
+            prestaged.push(rp.name.clone());
+            out.audit(Record::auto(
+                "prestage",
+                id,
+                Some(&rp.name),
+                format!(
+                    "install {} at {} to download and verify; activates {}",
+                    r.release_id,
+                    rp.steps[0],
+                    if all {
+                        "at the launch"
+                    } else {
+                        "when the ring's turn comes"
+                    }
+                ),
+            ));
+        }
+        if let Some(rr) = self.state.rollouts.get_mut(id) {
+            if let Some(l) = rr.launch.as_mut() {
+                l.prestaged = prestaged.clone();
+            }
+            if launch.mode == LaunchMode::All {
+                // Every ring activates at the launch: its gate watches it from then on.
+                for g in prestaged {
+                    if !rr.rings_reached.contains(&g) {
+                        rr.rings_reached.push(g);
+                    }
+                }
+            }
+            out.changes.rollouts.insert(id.to_owned());
+        }
+    }
+
+    /// An operator moves a launch to `at` or holds it (`None`). Every standing directive of
+    /// the rollout is re-signed with the new activation time; devices keep what they staged.
+    fn relaunch(
+        &mut self,
+        id: &str,
+        at: Option<Timestamp>,
+        actor: &Actor,
+        now: Timestamp,
+        out: &mut Out,
+    ) -> Result<Rollout> {
+        let r = self.rollout(id)?;
+        if !r.state.is_live() {
+            return Err(Error::conflict(
+                "rollout_finished",
+                format!("rollout {id} is {}", r.state.phase()),
+            ));
+        }
+        let Some(launch) = r.launch.clone() else {
+            return Err(Error::conflict(
+                "not_a_launch",
+                format!("rollout {id} has no launch time (submit it with activate_at)"),
+            ));
+        };
+        if !launch.held && r.activate_at.is_some_and(|a| a <= now) {
+            return Err(Error::conflict(
+                "already_launched",
+                format!("rollout {id} launched at {}", r.activate_at.unwrap_or(now)),
+            ));
+        }
+        if let Some(t) = at {
+            if t <= now {
+                return Err(Error::conflict(
+                    "launch_in_past",
+                    format!("launch time {t} is not in the future (now {now})"),
+                ));
+            }
+        }
+        let detail = match at {
+            Some(t) => format!("launch moved to {t}"),
+            None => {
+                "launch held: nothing activates until a new launch time; staged downloads are kept"
+                    .to_owned()
+            }
+        };
+        out.audit(actor.record("launch", Some(id), None, detail));
+        let mut next = r.clone();
+        if let Some(t) = at {
+            next.activate_at = Some(t);
+        }
+        if let Some(l) = next.launch.as_mut() {
+            l.held = at.is_none();
+        }
+        self.state.rollouts.insert(id.to_owned(), next.clone());
+        out.changes.rollouts.insert(id.to_owned());
+        // Rings that activate at the launch get the new time; rings held for their turn stay.
+        let rings: Vec<String> = self
+            .state
+            .rings
+            .values()
+            .filter(|d| d.rollout_id == id && d.device.is_none() && d.action == Action::Install)
+            .map(|d| d.ring.clone())
+            .collect();
+        for ring in rings {
+            let Some(mut spec) = self.state.rings.get(&ring).cloned() else {
+                continue;
+            };
+            let waits_for_turn = !next.rings_reached.contains(&ring);
+            spec.activation.not_before = match at {
+                Some(t) if !waits_for_turn => Some(t),
+                _ => Some(HELD),
+            };
+            self.sign(&mut spec, now, out);
+            self.state.rings.insert(ring.clone(), spec);
+            out.changes.rings.insert(ring);
+        }
+        Ok(next)
     }
 
     fn unblock(&mut self, id: &str, actor: &Actor, out: &mut Out) -> Result<ReleaseRecord> {

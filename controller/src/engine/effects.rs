@@ -7,6 +7,7 @@ use crate::audit::Record;
 use crate::config::Check;
 use crate::error::Result;
 use crate::model::{DevicePin, ReleaseRecord, Rollout};
+use jiff::Timestamp;
 use std::collections::BTreeSet;
 
 /// What the core decides on.
@@ -37,6 +38,15 @@ pub enum Input {
         action: RolloutAction,
         /// Ring (approve only).
         ring: Option<String>,
+        /// Who.
+        actor: Actor,
+    },
+    /// Move or hold a launch.
+    Launch {
+        /// Rollout id.
+        rollout: String,
+        /// The new launch time; `None` holds the launch.
+        at: Option<Timestamp>,
         /// Who.
         actor: Actor,
     },

@@ -224,6 +224,7 @@ mod tests {
             ended_at: None,
             insight: Default::default(),
             attempts: BTreeMap::new(),
+            launch: None,
         }
     }
 

@@ -94,8 +94,10 @@ pub struct Submit {
     pub envelope: Envelope,
     /// Start the rollout at this time (default: now).
     pub start_at: Option<Timestamp>,
-    /// Store-scheduled activation.
+    /// Store-scheduled activation: a launch (every ring pre-stages at the start).
     pub activate_at: Option<Timestamp>,
+    /// With `activate_at`: how the rings activate (default ring by ring).
+    pub launch: Option<crate::model::LaunchMode>,
 }
 
 /// Operator actions on a rollout.
@@ -220,6 +222,19 @@ impl EngineHandle {
                 rollout,
                 warnings,
             } => Ok((release, rollout, warnings)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Move a launch to `at`, or hold it (`None`): what devices staged stays staged.
+    pub async fn launch(
+        &self,
+        rollout: String,
+        at: Option<Timestamp>,
+        actor: Actor,
+    ) -> Result<Rollout> {
+        match self.call(Input::Launch { rollout, at, actor }).await? {
+            Reply::Rollout(r) => Ok(r),
             other => Err(unexpected(other)),
         }
     }

@@ -12,6 +12,7 @@ mod bakes;
 mod checks;
 mod gates;
 mod halts;
+mod launch;
 mod new_release;
 mod operator;
 mod restarts;
@@ -368,6 +369,7 @@ impl Harness {
                 envelope,
                 start_at,
                 activate_at: None,
+                launch: None,
             },
             actor: Harness::operator(),
             artifact_stored: true,
@@ -380,6 +382,45 @@ impl Harness {
                 Ok((rollout, warnings))
             }
             other => panic!("submit answered {other:?}"),
+        }
+    }
+
+    /// Submit [`release`]`(sequence)` as a launch at `at` in `mode`; the rollout's id.
+    pub(super) fn submit_launch(
+        &mut self,
+        sequence: u64,
+        at: Timestamp,
+        mode: crate::model::LaunchMode,
+    ) -> String {
+        let envelope = release(sequence).sign(&[&self.fx.release]);
+        let reply = self.handle(Input::Submit {
+            submit: Submit {
+                envelope,
+                start_at: None,
+                activate_at: Some(at),
+                launch: Some(mode),
+            },
+            actor: Harness::operator(),
+            artifact_stored: true,
+        });
+        match reply {
+            Ok(Reply::Submitted { rollout, .. }) => {
+                self.rollout = rollout.id.clone();
+                rollout.id
+            }
+            other => panic!("launch submit answered {other:?}"),
+        }
+    }
+
+    /// Move (`Some`) or hold (`None`) the launch of `rollout`.
+    pub(super) fn relaunch(&mut self, rollout: &str, at: Option<Timestamp>) -> Result<Rollout> {
+        match self.handle(Input::Launch {
+            rollout: rollout.into(),
+            at,
+            actor: Harness::operator(),
+        })? {
+            Reply::Rollout(r) => Ok(r),
+            other => panic!("launch answered {other:?}"),
         }
     }
 

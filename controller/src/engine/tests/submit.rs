@@ -112,6 +112,7 @@ fn an_artifact_the_controller_serves_must_be_in_its_store() {
             envelope: r.sign(&[&h.fx.release]),
             start_at: None,
             activate_at: None,
+            launch: None,
         },
         actor: Actor {
             name: "alice".into(),
