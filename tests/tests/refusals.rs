@@ -69,13 +69,10 @@ async fn a_release_the_whole_ring_refuses_halts_with_the_refusal_reason() {
         reason.contains(&device_id("canary", 0)) || reason.contains(&device_id("canary", 1)),
         "the reason names a device: {reason}"
     );
-    // Every canary device reported its refusal for this rollout.
-    for i in 0..2 {
-        let d = device_id("canary", i);
-        let seen = stage.controller_view(&d).expect("report");
-        let refused = seen.refused.expect("a refusal in the report");
-        assert_eq!(refused.rollout_id, id);
-        assert_eq!(refused.reason.code(), "incompatible");
-    }
+    // The halt came from refusals, not failures: the reason counts them. (Once the hold is
+    // out, each agent accepts it and its report drops the refusal, so the reports are not
+    // checked here: the agent tests cover the refusal in the report.)
+    assert!(reason.contains("refused"), "{reason}");
+    assert!(!reason.contains("failed (rate"), "{reason}");
     stage.shutdown().await;
 }
