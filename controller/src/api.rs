@@ -344,7 +344,17 @@ pub struct RolloutView {
 }
 
 fn rollout_view(app: &App, r: &Rollout) -> RolloutView {
-    let shared = &app.shared;
+    view_of(&app.shared, r)
+}
+
+/// Rollout `id` as `GET /api/v1/rollouts/{id}` shows it (for tools and tests in process).
+pub fn rollout_view_of(controller: &crate::ControllerHandle, id: &str) -> Option<RolloutView> {
+    let shared = controller.shared();
+    let r = shared.state.read().ok()?.rollouts.get(id).cloned()?;
+    Some(view_of(shared, &r))
+}
+
+fn view_of(shared: &Shared, r: &Rollout) -> RolloutView {
     let now = shared.clock.now();
     let st = shared.state.read().unwrap_or_else(|p| p.into_inner());
     let devices = shared.devices.read().unwrap_or_else(|p| p.into_inner());

@@ -609,6 +609,20 @@ impl Stage {
         health: AppHealth,
         tune: impl FnOnce(&mut AppRelease),
     ) -> String {
+        self.submit_scheduled(sequence, health, tune, None, None)
+            .await
+    }
+
+    /// [`Stage::submit`] as a launch at `activate_at` (every ring pre-stages) in `launch`
+    /// mode, or with neither.
+    pub async fn submit_scheduled(
+        &self,
+        sequence: u64,
+        health: AppHealth,
+        tune: impl FnOnce(&mut AppRelease),
+        activate_at: Option<Timestamp>,
+        launch: Option<ringcast_controller::model::LaunchMode>,
+    ) -> String {
         let mut rel = AppRelease::new(APP, sequence, CLASS);
         tune(&mut rel);
         let issued = Timestamp::now() - SignedDuration::from_secs(60);
@@ -630,8 +644,8 @@ impl Stage {
                 Submit {
                     envelope: env,
                     start_at: None,
-                    activate_at: None,
-                    launch: None,
+                    activate_at,
+                    launch,
                 },
                 operator(),
             )
