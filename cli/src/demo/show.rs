@@ -1,6 +1,8 @@
 //! The demo: an embedded broker, the controller (in process) with a three-ring policy
 //! (canary auto, early auto, broad manual), and a fleet of real agents. It rolls out v1, then
-//! v2 (approving `broad` itself through the API with an `approver` token), then a broken v3
+//! v2 as a store-scheduled launch (every ring downloads and verifies it first, nothing
+//! activates before the launch time, then the rings follow one by one from what they staged;
+//! the demo approves `broad` itself through the API with an `approver` token), then a broken v3
 //! whose health check fails: v3 reverts locally on the canary devices and the gate halts the
 //! rollout before it reaches `early`. [`run`] returns a [`Summary`] whose `problems` list
 //! everything that did not behave as described; the command exits 0 only when it is empty.
@@ -49,6 +51,8 @@ pub struct Options {
     pub approval_pause: Duration,
     /// Longest one rollout may take before the demo gives up.
     pub rollout_timeout: Duration,
+    /// v2 is a launch this long after its submission (every ring pre-stages first).
+    pub launch_in: Duration,
     /// Redraw progress in place (a terminal) instead of printing lines.
     pub tty: bool,
     /// Write progress to stderr (stdout is kept for `--json`).
@@ -62,6 +66,7 @@ impl Default for Options {
             bake: Duration::from_millis(1500),
             approval_pause: Duration::from_millis(1000),
             rollout_timeout: Duration::from_secs(90),
+            launch_in: Duration::from_secs(8),
             tty: false,
             progress_to_stderr: false,
         }
@@ -83,6 +88,8 @@ pub struct ReleaseSummary {
     pub outcome: String,
     /// Seconds from submit to the outcome.
     pub seconds: f64,
+    /// For a launch: whether every device of every ring had it staged before it activated.
+    pub prestaged: Option<bool>,
 }
 
 /// What the demo saw, and what was wrong with it.
@@ -508,6 +515,8 @@ async fn wait_for_fleet(
 struct Step {
     sequence: u64,
     health: AppHealth,
+    /// A launch this long after the submission: every ring pre-stages, then activates.
+    launch_in: Option<Duration>,
 }
 
 async fn roll(
@@ -537,13 +546,17 @@ async fn roll(
         AppHealth::Hangs => "BROKEN: its health check hangs",
     };
     let started = Instant::now();
+    let activate_at = step
+        .launch_in
+        .and_then(|d| SignedDuration::try_from(d).ok())
+        .map(|d| SystemClock.now() + d);
     let resp = w
         .operator
         .submit(&SubmitRequest {
             envelope,
             start_at: None,
-            activate_at: None,
-            launch: None,
+            activate_at,
+            launch: activate_at.map(|_| ringcast_controller::model::LaunchMode::Rings),
         })
         .await?;
     let id = resp.rollout.id.clone();
@@ -552,6 +565,13 @@ async fn roll(
         bytes.len(),
         &up.sha256[..12]
     ));
+    if let Some(at) = activate_at {
+        screen.say(&format!(
+            "{version}: a launch at {} — every ring downloads and verifies it now, nothing activates before",
+            at.strftime("%H:%M:%S")
+        ));
+    }
+    let mut staged_said = false;
     let deadline = started + opts.rollout_timeout;
     let mut approval_seen: Option<Instant> = None;
     let mut approved = false;
@@ -579,6 +599,18 @@ async fn roll(
             }
         }
         screen.bars(&ring_lines(w, &view, step.sequence)?);
+        if let (Some(at), false) = (activate_at, staged_said) {
+            let staged: u32 = view.rings.iter().map(|r| r.staged).sum();
+            // Each ring pre-stages its first step's ramp (the rest download at their step).
+            let ramp: u32 = view.rings.iter().map(|r| r.tally.in_ramp).sum();
+            if ramp > 0 && staged == ramp && view.rings.iter().all(|r| r.percent.is_some()) {
+                staged_said = true;
+                screen.say(&format!(
+                    "{version}: staged on all {ramp} devices of every ring's first step; waiting for the launch at {}",
+                    at.strftime("%H:%M:%S")
+                ));
+            }
+        }
         if view.phase == "waiting_approval" && !approved {
             let since = *approval_seen.get_or_insert_with(|| {
                 screen.say(&format!(
@@ -674,6 +706,7 @@ async fn roll(
         reverted: History::count(&hist.reverted, step.sequence),
         outcome: view.phase.clone(),
         seconds,
+        prestaged: activate_at.map(|_| staged_said),
     })
 }
 
@@ -824,14 +857,17 @@ async fn script(
         Step {
             sequence: 1,
             health: AppHealth::Healthy,
+            launch_in: None,
         },
         Step {
             sequence: 2,
             health: AppHealth::Healthy,
+            launch_in: Some(opts.launch_in),
         },
         Step {
             sequence: 3,
             health: AppHealth::Broken,
+            launch_in: None,
         },
     ];
     for step in &steps {
@@ -846,6 +882,11 @@ async fn script(
                     ));
                 }
                 check_everyone_on(w, step.sequence, &version, &mut summary.problems)?;
+                if r.prestaged == Some(false) {
+                    summary.problems.push(format!(
+                        "{version}: a launch, but not staged on every device before it activated"
+                    ));
+                }
             }
             _ => check_broken(w, &r, &hist, &mut summary.problems)?,
         }
