@@ -800,24 +800,6 @@ pub struct DeviceView {
     pub record: DeviceRecord,
 }
 
-/// The forecast of every live rollout and device, as of `now` (read once per request: it
-/// walks the whole fleet).
-fn forecast(app: &App, now: Timestamp) -> engine::forecast::Forecast {
-    let st = app.shared.state.read().unwrap_or_else(|p| p.into_inner());
-    // A copy: ingestion must not wait while the forecast reads event histories from sled.
-    let devices = app
-        .shared
-        .devices
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let fleet = engine::forecast::FleetView {
-        devices: &devices,
-        history: &app.shared.store,
-    };
-    engine::forecast::forecast(&app.shared.policy, &st, &fleet, now)
-}
-
 fn device_view(
     app: &App,
     d: &DeviceRecord,
@@ -870,7 +852,7 @@ async fn list_devices(
         .cloned()
         .collect();
     let now = app.shared.clock.now();
-    let fc = forecast(&app, now);
+    let fc = app.shared.forecast();
     let mut out: Vec<DeviceView> = devices
         .iter()
         .map(|d| device_view(&app, d, &fc, now))
@@ -912,7 +894,7 @@ async fn show_device(
             id: id.clone(),
         })?;
     let now = app.shared.clock.now();
-    let mut v = device_view(&app, &d, &forecast(&app, now), now);
+    let mut v = device_view(&app, &d, &app.shared.forecast(), now);
     // Whatever the history keeps (it is bounded when written).
     v.events = Some(app.shared.store.device_events(&id, usize::MAX)?);
     Ok(Json(v))
@@ -1031,7 +1013,7 @@ async fn insight(
         engine::insight::summary(&st, now)
     };
     Ok(Json(engine::insight::Summary {
-        forecasts: forecast(&app, now).rollouts,
+        forecasts: app.shared.forecast().rollouts,
         ..summary
     }))
 }
