@@ -125,6 +125,20 @@ fn round(secs: f64) -> f64 {
     (secs * 10.0).round() / 10.0
 }
 
+/// Every value a [`Prediction`]'s `waits_for` takes: the [`Wait`] codes, and for one device
+/// `window` (its windows never meet the ring's) and `pin` (a standing pin decides).
+/// docs/operations.md lists them.
+pub const WAITS_FOR: [&str; 8] = [
+    "approval",
+    "paused",
+    "queued",
+    "gate_unreachable",
+    "step_timeout",
+    "window",
+    "unknown_ring",
+    "pin",
+];
+
 /// Why a forecast stops before a device's step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -7,8 +7,8 @@
 
 use super::*;
 use crate::engine::forecast::{
-    forecast, FleetView, Forecast, History, NoHistory, Prediction, DEFAULT_DOWNLOAD,
-    DEFAULT_INSTALL,
+    forecast, FleetView, Forecast, History, NoHistory, Prediction, Wait, DEFAULT_DOWNLOAD,
+    DEFAULT_INSTALL, WAITS_FOR,
 };
 use crate::model::EventEntry;
 use ringcast_proto::{EventKind, Window};
@@ -528,4 +528,47 @@ fn a_download_restarted_by_a_later_step_counts_from_the_directive_it_started_on(
     h.report("canary-0", Phase::Committed);
     let rf = h.forecast_with(&history).rollouts[0].clone();
     assert_eq!(rf.download.secs, 30.0);
+}
+
+#[test]
+fn waits_for_codes_are_unique_snake_case_and_in_the_operations_guide() {
+    let doc = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/operations.md"
+    ));
+    let ring = || "r".to_owned();
+    for w in [
+        Wait::Approval { ring: ring() },
+        Wait::Paused,
+        Wait::Queued,
+        Wait::GateUnreachable {
+            ring: ring(),
+            step: 0,
+            needed: 2,
+            can_commit: 1,
+        },
+        Wait::StepTimeout {
+            ring: ring(),
+            step: 0,
+            timeout: "1d".into(),
+        },
+        Wait::NoWindow { ring: ring() },
+        Wait::UnknownRing { ring: ring() },
+    ] {
+        assert!(WAITS_FOR.contains(&w.code()), "{w:?}");
+    }
+    let mut codes = WAITS_FOR.to_vec();
+    for c in &codes {
+        assert!(
+            c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_'),
+            "{c}"
+        );
+        assert!(
+            doc.contains(&format!("`{c}`")),
+            "docs/operations.md lacks `{c}`"
+        );
+    }
+    codes.sort_unstable();
+    codes.dedup();
+    assert_eq!(codes.len(), WAITS_FOR.len(), "codes are unique");
 }
