@@ -799,7 +799,10 @@ impl<'a> Walk<'a> {
         };
         let ring = rp.schedule();
         let own = device_schedule(rep);
+        // Never before the device's own step is out: a device may hold the bytes earlier
+        // (staged for a launch, or for a pin), but activates only on its step's directive.
         let activation = |staged: Timestamp| {
+            let staged = staged.max(published);
             let from = self.r.activate_at.map_or(staged, |nb| nb.max(staged));
             all_open(&[&ring, &own], from)
         };
@@ -833,6 +836,7 @@ impl<'a> Walk<'a> {
             Progress::Downloading(since) => add(since, t.download).max(now),
             Progress::NotStarted => add(published.max(now), t.download),
         };
+        let staged = staged.max(published);
         match activation(staged) {
             Some(at) => {
                 plan.activates = Some(at);

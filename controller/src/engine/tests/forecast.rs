@@ -355,6 +355,27 @@ fn devices_under_way_are_forecast_from_their_phase() {
 }
 
 #[test]
+fn a_device_staged_ahead_of_its_step_activates_when_its_step_is_published() {
+    // broad-0 holds the bytes already (staged early, as for a launch); it still activates
+    // only once broad's step is out, and its download is not counted again.
+    let mut h = Harness::new(policy(vec![
+        ring_with("canary", &[100.0], 1),
+        ring_with("broad", &[100.0], 1),
+    ]));
+    h.devices("canary", 1);
+    h.devices("broad", 1);
+    h.submit(2);
+    h.eval();
+    let t0 = h.now;
+    h.report("broad-0", Phase::Staged);
+    let broad_out = t0 + default_lead() + hours(1);
+    let p = h.predict("broad-0");
+    assert_eq!(p.published_at, Some(broad_out));
+    assert_eq!(p.activates_at, Some(broad_out));
+    assert_eq!(p.at, Some(broad_out + DEFAULT_INSTALL + PROBATION));
+}
+
+#[test]
 fn a_ramp_too_small_for_its_gate_stops_the_forecast_there() {
     let mut h = Harness::new(policy(vec![
         ring_with("canary", &[100.0], 3),
