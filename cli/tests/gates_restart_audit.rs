@@ -430,6 +430,26 @@ async fn insight_reports_lead_time_failure_rate_restore_and_device_prediction() 
     assert_eq!(p.rollout_id, bad.id);
     let at = p.at.expect("predictable: all rings auto, no windows");
     assert!(at >= w.clock.now().checked_add(secs(600)).unwrap(), "{at}");
+    // Its step's directive goes out after canary's bake; it commits after that.
+    let out = p.published_at.expect("its step's publish time");
+    assert!(
+        out >= w.clock.now().checked_add(secs(600)).unwrap(),
+        "{out}"
+    );
+    assert!(
+        at > out,
+        "commits after the directive, download and probation"
+    );
+    let s = api(&h, VIEWER).insight().await.unwrap();
+    let f = s
+        .forecasts
+        .iter()
+        .find(|f| f.rollout_id == bad.id)
+        .expect("the live rollout's forecast is in the insight");
+    assert_eq!(
+        f.steps.iter().map(|s| s.ring.as_str()).collect::<Vec<_>>(),
+        ["canary", "broad", "broad"]
+    );
     fleet
         .report("canary-0", "canary", Some(&bad.id), Phase::Reverted, 3)
         .await;

@@ -15,11 +15,11 @@
 //! | POST | `/api/v1/rollouts/{id}/approve` | approver | `{ring?}`: approve a `manual` ring |
 //! | POST | `/api/v1/rollouts/{id}/pause\|resume\|abort\|retry` | operator | |
 //! | POST | `/api/v1/rollouts/{id}/launch` | operator | `{at}`: move a launch to `at`, or hold it (`null`) |
-//! | GET | `/api/v1/devices?ring=&phase=&rollout=`, `/api/v1/devices/{id}` | viewer | latest report, prediction, pin; one device also its recent `events`, newest first |
+//! | GET | `/api/v1/devices?ring=&phase=&rollout=`, `/api/v1/devices/{id}` | viewer | latest report, `prediction` (forecast commit time), pin; one device also its recent `events`, newest first |
 //! | POST | `/api/v1/devices/{id}/pin` | approver | `{release_id}`: pin the device to a release (per-device directive) |
 //! | DELETE | `/api/v1/devices/{id}/pin` | approver | end the pin: the device follows its ring again |
 //! | GET | `/api/v1/audit` | viewer | the raw hash-chained log (verify it client-side) |
-//! | GET | `/api/v1/insight` | viewer | lead time, deployment frequency, change-failure rate, time to restore |
+//! | GET | `/api/v1/insight` | viewer | lead time, deployment frequency, change-failure rate, time to restore; each live rollout's `forecasts` (step timeline, measured download/install, probation) |
 //! | GET | `/metrics` | — | Prometheus text |
 //! | GET | `/artifacts/sha256/{hex}` | — | artifact bytes, `Range` supported |
 //!
@@ -859,8 +859,9 @@ pub struct DeviceView {
     pub unresponsive: bool,
     /// Online flag.
     pub online: Option<bool>,
-    /// When the live rollout is predicted to reach it.
-    pub prediction: Option<engine::insight::Prediction>,
+    /// When it is predicted to commit the newest live rollout it can take
+    /// ([`engine::forecast`]).
+    pub prediction: Option<engine::forecast::Prediction>,
     /// The pin standing on the device, if any.
     #[serde(default)]
     pub pin: Option<PinView>,
@@ -873,8 +874,12 @@ pub struct DeviceView {
     pub record: DeviceRecord,
 }
 
-fn device_view(app: &App, d: &DeviceRecord) -> DeviceView {
-    let now = app.shared.clock.now();
+fn device_view(
+    app: &App,
+    d: &DeviceRecord,
+    forecast: &engine::forecast::Forecast,
+    now: Timestamp,
+) -> DeviceView {
     let r = d.report.as_ref();
     DeviceView {
         id: d.id.clone(),
@@ -892,10 +897,7 @@ fn device_view(app: &App, d: &DeviceRecord) -> DeviceView {
         unresponsive: now.duration_since(d.last_seen)
             > app.shared.policy.unresponsive_after.signed(),
         online: d.online,
-        prediction: {
-            let st = app.shared.state.read().unwrap_or_else(|p| p.into_inner());
-            engine::insight::predict(&app.shared.policy, &st, d, now)
-        },
+        prediction: forecast.device(&d.id).cloned(),
         pin: app
             .shared
             .state
@@ -923,9 +925,11 @@ async fn list_devices(
         .values()
         .cloned()
         .collect();
+    let now = app.shared.clock.now();
+    let fc = app.shared.forecast();
     let mut out: Vec<DeviceView> = devices
         .iter()
-        .map(|d| device_view(&app, d))
+        .map(|d| device_view(&app, d, &fc, now))
         .filter(|v| f.ring.as_ref().is_none_or(|r| v.ring.as_ref() == Some(r)))
         .filter(|v| {
             f.rollout
@@ -963,7 +967,8 @@ async fn show_device(
             what: "device",
             id: id.clone(),
         })?;
-    let mut v = device_view(&app, &d);
+    let now = app.shared.clock.now();
+    let mut v = device_view(&app, &d, &app.shared.forecast(), now);
     // Whatever the history keeps (it is bounded when written).
     v.events = Some(app.shared.store.device_events(&id, usize::MAX)?);
     Ok(Json(v))
@@ -1076,8 +1081,15 @@ async fn insight(
     headers: HeaderMap,
 ) -> ApiResult<Json<engine::insight::Summary>> {
     authorize(&app, &headers, ApiRole::Viewer, "insight", None)?;
-    let st = app.shared.state.read().unwrap_or_else(|p| p.into_inner());
-    Ok(Json(engine::insight::summary(&st, app.shared.clock.now())))
+    let now = app.shared.clock.now();
+    let summary = {
+        let st = app.shared.state.read().unwrap_or_else(|p| p.into_inner());
+        engine::insight::summary(&st, now)
+    };
+    Ok(Json(engine::insight::Summary {
+        forecasts: app.shared.forecast().rollouts,
+        ..summary
+    }))
 }
 
 /// Read buffer of an artifact download: memory per download is this, whatever the size.

@@ -92,6 +92,24 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The forecast of every live rollout and device as of now ([`crate::engine::forecast`]),
+    /// over a copy of the device table (ingestion never waits while the forecast reads event
+    /// histories from the store). It walks the whole fleet: compute it once per request.
+    pub fn forecast(&self) -> crate::engine::forecast::Forecast {
+        let now = self.clock.now();
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let devices = self
+            .devices
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let fleet = crate::engine::forecast::FleetView {
+            devices: &devices,
+            history: &self.store,
+        };
+        crate::engine::forecast::forecast(&self.policy, &st, &fleet, now)
+    }
+
     /// Wait until the engine has decided and carried out a tick at or after `at`: the
     /// "settled" signal for tests and tools that change the clock or the fleet and must know
     /// the engine has looked, without sleeping.

@@ -215,10 +215,7 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
                 print_pin(p);
             }
             if let Some(p) = &d.prediction {
-                match p.at {
-                    Some(at) => println!("update    {at} with {} ({})", p.rollout_id, p.note),
-                    None => println!("update    {} ({})", p.rollout_id, p.note),
-                }
+                print_prediction(p);
             }
             match &d.events {
                 Some(events) => print_events(events),
@@ -250,5 +247,25 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
             print_pin(&p);
             Ok(())
         }
+    }
+}
+
+/// The forecast: when the device commits (it counts as updated then), or what it waits for.
+fn print_prediction(p: &ringcast_controller::engine::forecast::Prediction) {
+    let place = match (&p.ring, p.step) {
+        (Some(r), Some(s)) => format!(", step {s} of ring {r}"),
+        _ => String::new(),
+    };
+    match (p.at, &p.waits_for) {
+        (Some(at), _) => println!("update    commits {at} with {}{place}", p.rollout_id),
+        (None, Some(w)) => println!("update    {} waits for {w}{place}", p.rollout_id),
+        (None, None) => println!("update    {}{place}", p.rollout_id),
+    }
+    println!("          {}", p.note);
+    if let Some(t) = p.published_at {
+        println!("          directive {t}");
+    }
+    if let Some(t) = p.activates_at {
+        println!("          activates {t}");
     }
 }

@@ -1,12 +1,13 @@
 //! Delivery insight (DESIGN.md "Controller"): lead time (release signed → half and all of
-//! the fleet committed), deployment frequency, change-failure rate, time to restore, and per
-//! device the predicted time of its update from ring, step, bake and delivery windows.
+//! the fleet committed), deployment frequency, change-failure rate and time to restore. The
+//! per-device predicted time of its update, and each live rollout's timeline, are
+//! [`super::forecast`]'s; the API adds the rollouts' forecasts to the [`Summary`].
 
-use crate::config::{Policy, Promotion};
+use crate::engine::forecast::RolloutForecast;
 use crate::engine::EngineState;
-use crate::model::{DeviceRecord, Rollout, RolloutState, Stage};
+use crate::model::{DeviceRecord, Rollout, RolloutState};
 use jiff::{SignedDuration, Timestamp};
-use ringcast_proto::{in_ramp, Phase, Release, Schedule};
+use ringcast_proto::{Phase, Release};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -89,6 +90,10 @@ pub struct Summary {
     pub mean_time_to_restore_secs: Option<i64>,
     /// Per rollout.
     pub rollouts: Vec<RolloutMetrics>,
+    /// Per live rollout, its forecast timeline and the durations it rests on (filled by the
+    /// API, which has the fleet view; empty from [`summary`]).
+    #[serde(default)]
+    pub forecasts: Vec<RolloutForecast>,
 }
 
 /// Compute the summary from the engine state.
@@ -155,115 +160,6 @@ pub fn summary(st: &EngineState, now: Timestamp) -> Summary {
         mean_time_to_restore_secs: (!restores.is_empty())
             .then(|| restores.iter().sum::<i64>() / restores.len() as i64),
         rollouts: metrics,
+        forecasts: Vec::new(),
     }
-}
-
-/// When a device is predicted to update.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Prediction {
-    /// Rollout it would come with.
-    pub rollout_id: String,
-    /// Predicted activation time, if it can be predicted.
-    pub at: Option<Timestamp>,
-    /// Ring step at which the device enters the ramp.
-    pub step: Option<usize>,
-    /// Why, or why not.
-    pub note: String,
-}
-
-/// Predict when `device` gets the live rollout of a release compatible with it: walk the
-/// remaining steps from the rollout's position, each published at the next window opening
-/// and baking its full time, until the step whose ramp includes the device; then the device's
-/// own delivery windows and the activation time.
-pub fn predict(
-    policy: &Policy,
-    st: &EngineState,
-    device: &DeviceRecord,
-    now: Timestamp,
-) -> Option<Prediction> {
-    let rep = device.report.as_ref()?;
-    let (r, rel) = st
-        .rollouts
-        .values()
-        .filter(|r| r.state.is_live())
-        .filter_map(|r| st.releases.get(&r.release_id).map(|rel| (r, &rel.release)))
-        .filter(|(_, rel)| rel.is_compatible(&rep.device_class))
-        .max_by_key(|(r, _)| r.created_at)?;
-    let mk = |at: Option<Timestamp>, step: Option<usize>, note: &str| Prediction {
-        rollout_id: r.id.clone(),
-        at,
-        step,
-        note: note.into(),
-    };
-    if rep
-        .current
-        .as_ref()
-        .is_some_and(|c| c.name == rel.name && c.sequence >= rel.sequence)
-    {
-        return Some(mk(None, None, "already runs this release"));
-    }
-    let Some(target_ring) = policy.ring_index(&rep.ring) else {
-        return Some(mk(None, None, "the device's ring is not in the policy"));
-    };
-    let (mut ring, mut step, mut t, mut baking_since) = match &r.state {
-        RolloutState::Queued => return Some(mk(None, None, "queued behind a running rollout")),
-        RolloutState::Pending => (0, 0, r.start_at.unwrap_or(now).max(now), None),
-        RolloutState::Active { ring, step, stage } => {
-            let since = match stage {
-                Stage::Publishing { since } => Some(*since),
-                Stage::Baking { since, .. } => Some(*since),
-                Stage::Checking { .. } | Stage::ChecksFailed { .. } => Some(now),
-                _ => None,
-            };
-            let Some(i) = policy.ring_index(ring) else {
-                return Some(mk(None, None, "the rollout's ring is not in the policy"));
-            };
-            (i, *step, now, since)
-        }
-        _ => return None,
-    };
-    if ring > target_ring {
-        return Some(mk(None, None, "the rollout has passed this ring; the device is outside its ramp or has not reported yet"));
-    }
-    // Bounded walk over the remaining steps of the remaining rings.
-    while ring < policy.rings.len() {
-        let rp = &policy.rings[ring];
-        let published = match baking_since.take() {
-            Some(s) => s,
-            None => {
-                if step == 0
-                    && rp.promotion == Promotion::Manual
-                    && !r.approvals.contains_key(&rp.name)
-                {
-                    return Some(mk(
-                        None,
-                        Some(step),
-                        &format!("after an approver approves ring {}", rp.name),
-                    ));
-                }
-                rp.schedule().next_open(t).unwrap_or(t)
-            }
-        };
-        if ring == target_ring && in_ramp(&r.id, &device.id, rp.steps[step]) {
-            let own = Schedule::new(rep.windows.clone(), &rep.timezone)
-                .unwrap_or_else(|_| Schedule::always());
-            let mut at = own.next_open(published).unwrap_or(published);
-            if let Some(nb) = r.activate_at {
-                at = at.max(own.next_open(nb).unwrap_or(nb));
-            }
-            return Some(mk(Some(at), Some(step), "enters the ramp at this step"));
-        }
-        t = published
-            .checked_add(rp.bake.signed())
-            .unwrap_or(Timestamp::MAX);
-        step += 1;
-        if step == rp.steps.len() {
-            ring += 1;
-            step = 0;
-        }
-        if ring > target_ring {
-            break;
-        }
-    }
-    Some(mk(None, None, "not in any ramp of its ring"))
 }

@@ -12,6 +12,8 @@
 //!   snapshots of the state ([`Snapshot`]).
 //! - [`fleet`], [`gate`], [`halt`], [`insight`]: what the core knows of the devices, the
 //!   gates, why a rollout stops, delivery insight.
+//! - [`forecast`]: when each device is predicted to commit a live rollout, and the rollout's
+//!   step timeline; pure, read by the API (never by the core).
 //!
 //! Semantics (DESIGN.md "Controller"): rings are named, never positions; a step's bake starts
 //! when its gate is first met and the gate must hold through it; only devices in the step's
@@ -23,6 +25,7 @@ pub mod actor;
 pub mod core;
 pub mod effects;
 pub mod fleet;
+pub mod forecast;
 pub mod gate;
 pub mod halt;
 pub mod insight;

@@ -10,6 +10,7 @@
 mod approvals;
 mod bakes;
 mod checks;
+mod forecast;
 mod gates;
 mod halts;
 mod launch;
