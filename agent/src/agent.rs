@@ -522,7 +522,8 @@ impl Agent {
                 }
                 self.save()?;
             }
-            Phase::Staged => {
+            Phase::Staged | Phase::Deferred => {
+                // A deferral stays as persisted: its deadline counts from the first "not now".
                 let ok = self.st.job.as_ref().is_some_and(|j| {
                     j.artifact.as_deref().is_some_and(|a| {
                         download::verify_file(
