@@ -145,6 +145,7 @@ fn show(r: &RolloutView) {
                 format!("{} {}/{}", bar(t.committed, total, 20), t.committed, total),
                 t.failed.to_string(),
                 t.pending.to_string(),
+                t.deferred.to_string(),
                 t.unresponsive.to_string(),
             ]
         })
@@ -157,6 +158,7 @@ fn show(r: &RolloutView) {
             "committed",
             "failed",
             "pending",
+            "deferred",
             "silent",
         ],
         &rows,

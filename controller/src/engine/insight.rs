@@ -48,6 +48,7 @@ pub fn coverage(
                 Phase::Downloading
                     | Phase::Verifying
                     | Phase::Staged
+                    | Phase::Deferred
                     | Phase::Installing
                     | Phase::Probation
                     | Phase::Reverting
@@ -201,6 +202,15 @@ pub fn predict(
         .is_some_and(|c| c.name == rel.name && c.sequence >= rel.sequence)
     {
         return Some(mk(None, None, "already runs this release"));
+    }
+    if rep.phase == Phase::Deferred && rep.rollout_id.as_deref() == Some(r.id.as_str()) {
+        // The device's own hook decides, up to the deadline its report's error slot gives.
+        return Some(mk(
+            None,
+            None,
+            "deferred by the device: it installs when its hook says go, at the latest at the \
+             deadline in its last error",
+        ));
     }
     let Some(target_ring) = policy.ring_index(&rep.ring) else {
         return Some(mk(None, None, "the device's ring is not in the policy"));
