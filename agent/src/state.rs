@@ -795,6 +795,27 @@ mod tests {
     }
 
     #[test]
+    fn phase_names_and_deferral_codes_are_in_the_operations_guide() {
+        let doc = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/operations.md"
+        ));
+        let hook_failed = EventKind::DeferHookFailed {
+            detail: String::new(),
+        };
+        let names = PHASES
+            .iter()
+            .map(|p| p.as_str())
+            .chain([DEFERRED, hook_failed.name()]);
+        for n in names {
+            assert!(
+                doc.contains(&format!("`{n}`")),
+                "docs/operations.md lacks `{n}`"
+            );
+        }
+    }
+
+    #[test]
     fn activated_work_cannot_be_cancelled_or_restarted() {
         for p in [Installing, Probation, Reverting] {
             assert!(transition(Step::Cancel, p).is_err());
