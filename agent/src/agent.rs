@@ -6,7 +6,8 @@
 //! persisted (see [`Agent::resume`]).
 
 use crate::cmd::{self, Subst};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, DeferConfig};
+use crate::defer::{self, Answer, Due};
 use crate::download::{self, Complete, Fetch};
 use crate::error::{Error, Result};
 use crate::health;
@@ -522,7 +523,8 @@ impl Agent {
                 }
                 self.save()?;
             }
-            Phase::Staged => {
+            Phase::Staged | Phase::Deferred => {
+                // A deferral stays as persisted: its deadline counts from the first "not now".
                 let ok = self.st.job.as_ref().is_some_and(|j| {
                     j.artifact.as_deref().is_some_and(|a| {
                         download::verify_file(
@@ -878,6 +880,19 @@ impl Agent {
                 // at that one.
                 self.st.attempt = k.directive.attempt;
                 self.st.rollout_id = Some(k.directive.rollout_id);
+                // A deferral counts per rollout and release: one for the rollout the job no
+                // longer belongs to ends, and the hook is asked afresh.
+                let stale = match (&self.st.deferral, &self.st.job) {
+                    (Some(d), Some(j)) => !d.is_for(j),
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                if stale {
+                    self.st.deferral = None;
+                    if self.st.phase == Phase::Deferred {
+                        return self.step(Step::Restage);
+                    }
+                }
                 self.save()
             }
             Plan::Start => {
@@ -900,6 +915,7 @@ impl Agent {
                     self.st.target = Some(job.target());
                     self.st.last_error = None;
                     self.st.job = Some(job);
+                    self.st.deferral = None;
                     self.progress_mark = 0;
                     self.step(Step::Start)
                 })?;
@@ -937,8 +953,9 @@ impl Agent {
         );
         self.st.rollout_id = rollout_id.clone();
         self.st.target = None;
-        // Whatever went wrong belonged to the dropped work.
+        // Whatever went wrong belonged to the dropped work, and so did a deferral.
         self.st.last_error = None;
+        self.st.deferral = None;
         self.step(Step::Cancel)?;
         self.cancel_download = true;
         if let Some(j) = &job {
@@ -1124,8 +1141,15 @@ impl Agent {
                 }
                 Ok(())
             }
-            Phase::Staged => {
-                if self.activation_allowed() {
+            Phase::Staged | Phase::Deferred => {
+                if !self.activation_allowed() {
+                    if self.st.phase == Phase::Deferred {
+                        return job_span!("defer", self).in_scope(|| self.restage());
+                    }
+                    return Ok(());
+                }
+                let span = job_span!("defer", self);
+                if self.may_activate().instrument(span).await? {
                     self.activate().await
                 } else {
                     Ok(())
@@ -1173,8 +1197,103 @@ impl Agent {
     fn settled(&self) -> bool {
         match self.st.phase {
             Phase::Idle | Phase::Committed | Phase::Reverted | Phase::Failed => true,
-            Phase::Staged => !self.activation_allowed(),
+            Phase::Staged | Phase::Deferred => !self.activation_allowed() || self.defer_waits(),
             _ => !is_busy(self.st.phase),
+        }
+    }
+
+    // ----- deferral -------------------------------------------------------------------------
+
+    /// Whether the defer hook lets the staged release be activated now (docs/operations.md
+    /// "Deferring updates"): no hook, a go, a broken hook or a passed deadline let it; a "not
+    /// now" defers it until the next ask.
+    async fn may_activate(&mut self) -> Result<bool> {
+        let Some(hook) = self.cfg.defer.clone() else {
+            return Ok(true);
+        };
+        let Some(job) = self.st.job.clone() else {
+            return Ok(false);
+        };
+        let asked_at = self.trusted_now();
+        let deadline = match defer::due(self.st.deferral.as_ref(), &job, asked_at, &hook) {
+            Due::Wait => return Ok(false),
+            Due::DeadlinePassed => {
+                let until = self.st.deferral.as_ref().map(|d| d.until);
+                tracing::info!(until = ?until, "deferral deadline passed; activating without asking");
+                return Ok(true);
+            }
+            Due::Ask { deadline } => deadline,
+        };
+        let tail = self.cfg.health.output_tail;
+        let outcome = defer::ask(&hook, &job, deadline, job.artifact.as_deref(), tail).await;
+        match defer::answer(&outcome) {
+            Answer::Go => {
+                tracing::info!("defer hook: go ahead");
+                Ok(true)
+            }
+            Answer::Broken(detail) => {
+                // A broken hook must never block updates: go ahead, and say so.
+                tracing::warn!(%detail, "defer hook failed; activating anyway");
+                self.job_event(EventKind::DeferHookFailed { detail });
+                Ok(true)
+            }
+            Answer::NotNow(reason) => {
+                self.defer(&job, reason, &hook, asked_at)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Record the "not now" of the hook asked at `asked_at`: a new deferral (phase
+    /// `deferred`, a `deferred` event; its deadline the one the hook was told), or the next
+    /// ask of the one standing, its deadline kept (a fresh report, and an event only when the
+    /// reason changed).
+    fn defer(
+        &mut self,
+        job: &Job,
+        reason: String,
+        hook: &DeferConfig,
+        asked_at: Timestamp,
+    ) -> Result<()> {
+        let prev = self.st.deferral.take().filter(|d| d.is_for(job));
+        let d = defer::not_now(prev.as_ref(), job, asked_at, reason, hook);
+        let news =
+            self.st.phase != Phase::Deferred || prev.as_ref().is_none_or(|p| p.reason != d.reason);
+        tracing::info!(reason = %d.reason, until = %d.until, retry_at = %d.retry_at, "deferred by the defer hook");
+        let event = EventKind::Deferred {
+            reason: d.reason.clone(),
+            until: d.until,
+        };
+        self.st.deferral = Some(d);
+        if news {
+            self.job_event(event);
+        }
+        if self.st.phase == Phase::Deferred {
+            // Every ask is reported: the controller sees the device alive while it defers.
+            self.publish_state()
+        } else {
+            self.step(Step::Defer)
+        }
+    }
+
+    /// Deferred, but activation is no longer allowed (a window closed): wait for it
+    /// `staged` again, the deferral's deadline kept, and ask as soon as activation may be.
+    fn restage(&mut self) -> Result<()> {
+        let now = self.trusted_now();
+        if let Some(d) = self.st.deferral.as_mut() {
+            d.retry_at = d.retry_at.min(now);
+        }
+        tracing::info!("activation no longer allowed while deferred; waiting staged");
+        self.step(Step::Restage)
+    }
+
+    /// Whether a defer hook stands in the way of activation until its next ask.
+    fn defer_waits(&self) -> bool {
+        match (&self.cfg.defer, &self.st.job) {
+            (Some(hook), Some(job)) => {
+                defer::due(self.st.deferral.as_ref(), job, self.trusted_now(), hook) == Due::Wait
+            }
+            _ => false,
         }
     }
 
@@ -1194,12 +1313,14 @@ impl Agent {
     /// The work of [`Agent::activate`]; a cause when `post_activate` failed often enough to
     /// revert.
     async fn activate_steps(&mut self) -> Result<Option<RevertCause>> {
-        if self.st.phase == Phase::Staged {
+        if matches!(self.st.phase, Phase::Staged | Phase::Deferred) {
             let (cur, prev) = (self.st.current.clone(), self.st.previous.clone());
             if let Some(j) = self.st.job.as_mut() {
                 j.before_current = cur;
                 j.before_previous = prev;
             }
+            // The deferral, if any, is over: the release is being activated.
+            self.st.deferral = None;
             self.step(Step::Activate)?;
         }
         let Some(job) = self.st.job.clone() else {
@@ -1518,7 +1639,11 @@ fn build_report(cfg: &AgentConfig, st: &Persisted, now: Timestamp) -> StateRepor
             .as_ref()
             .map(|j| j.rollout_id.clone())
             .or_else(|| st.rollout_id.clone()),
-        last_error: st.last_error.clone(),
+        // While deferred, the error slot says why and until when (reason code `deferred`).
+        last_error: match (st.phase, &st.deferral) {
+            (Phase::Deferred, Some(d)) => Some(d.error_info()),
+            _ => st.last_error.clone(),
+        },
         refused: st.refused.clone(),
         windows: cfg.windows.clone(),
         timezone: cfg.timezone.clone(),

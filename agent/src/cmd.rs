@@ -1,7 +1,7 @@
 //! Running hooks, installer commands and command health checks: argv with `{release_dir}` and
 //! `{artifact}` substituted, `RINGCAST_RELEASE_DIR` / `RINGCAST_ARTIFACT` in the environment,
 //! a hard timeout that kills the whole process group, and the tail of the output kept as
-//! evidence.
+//! evidence. [`run_with_env`] adds variables of the caller's own (the defer hook's).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -24,6 +24,8 @@ pub struct Outcome {
     pub ok: bool,
     /// Human summary: `exit 3`, `timed out after 5s`, `cannot start: …`.
     pub status: String,
+    /// The exit code, when the command exited by itself within the timeout.
+    pub code: Option<i32>,
     /// Tail of stdout and stderr.
     pub tail: String,
 }
@@ -47,10 +49,22 @@ fn tail_of(bytes: &[u8], max: usize) -> String {
 
 /// Run `argv` with a timeout.
 pub async fn run(argv: &[String], s: &Subst<'_>, timeout: Duration, max_tail: usize) -> Outcome {
+    run_with_env(argv, s, &[], timeout, max_tail).await
+}
+
+/// [`run`], with `env` added to the command's environment.
+pub async fn run_with_env(
+    argv: &[String],
+    s: &Subst<'_>,
+    env: &[(&str, String)],
+    timeout: Duration,
+    max_tail: usize,
+) -> Outcome {
     let Some((prog, args)) = argv.split_first() else {
         return Outcome {
             ok: false,
             status: "empty command".into(),
+            code: None,
             tail: String::new(),
         };
     };
@@ -68,12 +82,14 @@ pub async fn run(argv: &[String], s: &Subst<'_>, timeout: Duration, max_tail: us
     if let Some(a) = s.artifact {
         cmd.env("RINGCAST_ARTIFACT", a);
     }
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             return Outcome {
                 ok: false,
                 status: format!("cannot start {prog:?}: {e}"),
+                code: None,
                 tail: String::new(),
             }
         }
@@ -113,6 +129,7 @@ pub async fn run(argv: &[String], s: &Subst<'_>, timeout: Duration, max_tail: us
         Ok(st) if st.success() => Outcome {
             ok: true,
             status: "exit 0".into(),
+            code: Some(0),
             tail,
         },
         Ok(st) => Outcome {
@@ -121,11 +138,13 @@ pub async fn run(argv: &[String], s: &Subst<'_>, timeout: Duration, max_tail: us
                 Some(c) => format!("exit {c}"),
                 None => "killed by a signal".into(),
             },
+            code: st.code(),
             tail,
         },
         Err(status) => Outcome {
             ok: false,
             status,
+            code: None,
             tail,
         },
     }
@@ -167,6 +186,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn exports_the_callers_variables() {
+        let o = run_with_env(
+            &sh("echo $RINGCAST_ROLLOUT; exit 75"),
+            &Subst::default(),
+            &[("RINGCAST_ROLLOUT", "r-7".to_owned())],
+            Duration::from_secs(5),
+            100,
+        )
+        .await;
+        assert_eq!((o.ok, o.code), (false, Some(75)), "{o:?}");
+        assert_eq!(o.tail.trim(), "r-7");
+    }
+
+    #[tokio::test]
     async fn failure_and_timeout_are_reported_with_output() {
         let o = run(
             &sh("echo boom >&2; exit 3"),
@@ -177,6 +210,7 @@ mod tests {
         .await;
         assert!(!o.ok);
         assert_eq!(o.status, "exit 3");
+        assert_eq!(o.code, Some(3));
         assert!(o.tail.contains("boom"));
         let t0 = std::time::Instant::now();
         let o = run(
@@ -187,6 +221,7 @@ mod tests {
         )
         .await;
         assert!(!o.ok && o.status.starts_with("timed out"), "{o:?}");
+        assert_eq!(o.code, None, "a timeout has no exit code");
         assert!(t0.elapsed() < Duration::from_secs(10));
         let o = run(
             &["/nonexistent/x".to_string()],

@@ -58,6 +58,10 @@ pub struct AgentConfig {
     /// Report queue.
     #[serde(default)]
     pub reports: ReportsConfig,
+    /// The optional defer hook: asked right before activation whether the device may update
+    /// now (docs/operations.md "Deferring updates").
+    #[serde(default)]
+    pub defer: Option<DeferConfig>,
 }
 
 /// Log output format.
@@ -183,6 +187,50 @@ impl Default for ReportsConfig {
     }
 }
 
+/// The defer hook (`[defer]`): a command the agent runs when a staged release may be
+/// activated. Exit 0 = go ahead; exit 75 (`EX_TEMPFAIL`) = not now, the last line it printed
+/// being the reason; anything else (or a timeout) = go ahead with a `defer_hook_failed`
+/// event, so a broken hook never blocks updates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeferConfig {
+    /// argv of the hook. It gets `RINGCAST_RELEASE`, `RINGCAST_VERSION`, `RINGCAST_ROLLOUT`,
+    /// `RINGCAST_DEADLINE` (RFC 3339) and `RINGCAST_ARTIFACT` in its environment.
+    pub command: Vec<String>,
+    /// How long after a "not now" the hook is asked again.
+    #[serde(default = "default_defer_retry")]
+    pub retry: Dur,
+    /// The longest one release may be deferred in one rollout, counted from the first "not
+    /// now"; after it the update proceeds without asking.
+    #[serde(default = "default_defer_deadline")]
+    pub deadline: Dur,
+    /// Longest one run of the hook may take; a hook that takes longer counts as broken.
+    #[serde(default = "default_defer_timeout")]
+    pub timeout: Dur,
+}
+
+impl DeferConfig {
+    /// A hook with the default timings.
+    pub fn new(command: Vec<String>) -> DeferConfig {
+        DeferConfig {
+            command,
+            retry: default_defer_retry(),
+            deadline: default_defer_deadline(),
+            timeout: default_defer_timeout(),
+        }
+    }
+}
+
+fn default_defer_retry() -> Dur {
+    Dur::secs(300)
+}
+fn default_defer_deadline() -> Dur {
+    Dur::secs(24 * 3600)
+}
+fn default_defer_timeout() -> Dur {
+    Dur::secs(30)
+}
+
 fn default_skew() -> Dur {
     Dur::secs(300)
 }
@@ -287,6 +335,20 @@ impl AgentConfig {
         if self.reports.queue_max < 16 {
             return Err("field reports.queue_max: must be at least 16".into());
         }
+        if let Some(d) = &self.defer {
+            if d.command.first().is_none_or(|p| p.trim().is_empty()) {
+                return Err("field defer.command: must name the hook to run".into());
+            }
+            for (field, v) in [
+                ("retry", d.retry),
+                ("deadline", d.deadline),
+                ("timeout", d.timeout),
+            ] {
+                if v.get().is_zero() {
+                    return Err(format!("field defer.{field}: must be longer than 0s"));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -346,6 +408,7 @@ impl AgentConfig {
             install: InstallConfig::default(),
             health: HealthConfig::default(),
             reports: ReportsConfig::default(),
+            defer: None,
         }
     }
 }
@@ -391,6 +454,55 @@ url = "mqtt://127.0.0.1:1883"
             .unwrap_err()
             .to_string();
         assert!(e.contains("/x/agent.toml") && e.contains("rnig"), "{e}");
+    }
+
+    #[test]
+    fn defer_section_is_optional_and_has_defaults() {
+        let c = AgentConfig::from_toml(GOOD, Path::new("a.toml")).unwrap();
+        assert!(c.defer.is_none(), "no hook unless configured");
+        let text = format!("{GOOD}[defer]\ncommand = [\"/usr/local/bin/may-update\"]\n");
+        let d = AgentConfig::from_toml(&text, Path::new("a.toml"))
+            .unwrap()
+            .defer
+            .unwrap();
+        assert_eq!(d.command, vec!["/usr/local/bin/may-update".to_string()]);
+        assert_eq!(
+            (d.retry, d.deadline, d.timeout),
+            (Dur::secs(300), Dur::secs(86400), Dur::secs(30))
+        );
+        let text = format!(
+            "{GOOD}[defer]\ncommand = [\"/bin/x\"]\nretry = \"1m\"\ndeadline = \"2h\"\ntimeout = \"5s\"\n"
+        );
+        let d = AgentConfig::from_toml(&text, Path::new("a.toml"))
+            .unwrap()
+            .defer
+            .unwrap();
+        assert_eq!(
+            (d.retry, d.deadline, d.timeout),
+            (Dur::secs(60), Dur::secs(7200), Dur::secs(5))
+        );
+    }
+
+    #[test]
+    fn bad_defer_values_name_their_field() {
+        for (section, field) in [
+            ("command = []", "defer.command"),
+            ("command = [\"\"]", "defer.command"),
+            ("command = [\"/bin/x\"]\nretry = \"0s\"", "defer.retry"),
+            (
+                "command = [\"/bin/x\"]\ndeadline = \"0s\"",
+                "defer.deadline",
+            ),
+            ("command = [\"/bin/x\"]\ntimeout = \"0s\"", "defer.timeout"),
+            ("command = [\"/bin/x\"]\nretyr = \"1m\"", "retyr"),
+            ("retry = \"1m\"", "command"),
+        ] {
+            let text = format!("{GOOD}[defer]\n{section}\n");
+            let e = AgentConfig::from_toml(&text, Path::new("/x/agent.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field) && e.contains("/x/agent.toml"), "{e}");
+        }
     }
 
     #[test]

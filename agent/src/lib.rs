@@ -12,6 +12,7 @@
 //! - [`download`]: HTTP(S) with Range resume, stall timeout, streaming SHA-256/size check,
 //!   over [`http`], a small GET-only HTTP/1.1 client (chosen by size, see BENCHMARKS.md).
 //! - [`health`], [`cmd`]: probation checks, hooks and installer commands with timeouts.
+//! - [`defer`]: the optional defer hook, asked before activation whether now is a good time.
 //! - [`transport`]: the MQTT session and the persisted, ordered report outbox.
 //! - [`log`]: the binary's small text/JSON `tracing` subscriber.
 //! - [`state`]: what is persisted and the phase transition table.
@@ -47,11 +48,11 @@
 //!   device `hold` directive arrives (the device follows its ring again) or when a ring
 //!   directive for a *different rollout* than the one current at pin time is accepted.
 //!   Ramp percent applies to ring directives only; a device directive names its device.
-//! - **Cancel.** Work that has not activated (downloading, verifying, staged) is dropped as
-//!   soon as the followed directive no longer asks for it: a `hold` (ring or device), an
-//!   install of the release the device already runs (a rollback), of another release (which
-//!   starts instead), of one that failed here in that rollout, or a ring ramp the device is
-//!   not in. The download is aborted, its `.part` and the staged artifact removed, and the
+//! - **Cancel.** Work that has not activated (downloading, verifying, staged, deferred) is
+//!   dropped as soon as the followed directive no longer asks for it: a `hold` (ring or
+//!   device), an install of the release the device already runs (a rollback), of another
+//!   release (which starts instead), of one that failed here in that rollout, or a ring ramp
+//!   the device is not in. The download is aborted, its `.part` and the staged artifact removed, and the
 //!   report says `idle`, `current` unchanged, no `target`, the `rollout_id` of the directive
 //!   that caused it; the event is `held` or `cancelled { reason }` (`state::CancelReason`).
 //!   An install already activated finishes its probation (commit or revert) first. The
@@ -61,10 +62,16 @@
 //!   installed release uses are removed at start-up and after every cancel.
 //! - **Activation** needs the directive's `not_before` passed, one of its windows open, and
 //!   one of the device's own `windows` (config) open; empty lists mean "any time".
+//! - **Deferral.** With a `[defer]` hook, a staged release is activated only when the hook
+//!   says go (exit 0), fails (any other exit, a timeout: a `defer_hook_failed` event), or the
+//!   deadline of its deferral passed. Exit 75 defers it: phase `deferred`, `last_error`
+//!   reason `deferred` with the hook's reason and the deadline, a `deferred` event; asked
+//!   again every `retry`. The deferral is persisted (a restart keeps its deadline) and ends
+//!   like staging when the directive stops asking for the release.
 //! - **Phases reported**: `committed` = installed and healthy through probation; `reverted`
 //!   / `failed` = failure of `target` (`failed`: nothing changed, e.g. `pre_activate`
-//!   failed); `staged` = verified and waiting for activation. `rollout_id` and `target` stay
-//!   on the final report.
+//!   failed); `staged` = verified and waiting for activation; `deferred` = staged, and the
+//!   defer hook said not now. `rollout_id` and `target` stay on the final report.
 //! - A release that reverted or failed here is not retried within the same rollout (so a
 //!   re-signed directive cannot loop installs); a new rollout may offer it again.
 //! - The rollback floor rises at commit.
@@ -74,6 +81,7 @@
 pub mod agent;
 pub mod cmd;
 pub mod config;
+pub mod defer;
 pub mod download;
 pub mod error;
 #[cfg(feature = "fleet")]

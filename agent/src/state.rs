@@ -23,7 +23,9 @@ pub enum Step {
     DownloadFailed,
     /// Size and digest match; the artifact is staged.
     Verified,
-    /// `not_before` passed and a window is open.
+    /// The defer hook answered "not now".
+    Defer,
+    /// `not_before` passed, a window is open, and the defer hook (if any) did not object.
     Activate,
     /// Activated; probation begins.
     Activated,
@@ -37,6 +39,9 @@ pub enum Step {
     ProbationPassed,
     /// A hold or a superseding directive stops work that has not activated yet.
     Cancel,
+    /// Deferred, but activation is no longer allowed (a window closed, `not_before` moved) or
+    /// the deferral no longer applies (another rollout took the job): back to waiting.
+    Restage,
 }
 
 /// A step that is not allowed in a phase.
@@ -53,19 +58,22 @@ pub struct Disallowed {
 pub fn transition(step: Step, phase: Phase) -> Result<Phase, Disallowed> {
     use Phase::*;
     let next = match (step, phase) {
-        (Step::Start, Idle | Committed | Reverted | Failed | Downloading | Verifying | Staged) => {
-            Downloading
-        }
+        (
+            Step::Start,
+            Idle | Committed | Reverted | Failed | Downloading | Verifying | Staged | Deferred,
+        ) => Downloading,
         (Step::BodyComplete, Downloading) => Verifying,
         (Step::DownloadFailed, Downloading | Verifying) => Downloading,
         (Step::Verified, Verifying) => Staged,
-        (Step::Activate, Staged) => Installing,
+        (Step::Defer, Staged | Deferred) => Deferred,
+        (Step::Restage, Deferred) => Staged,
+        (Step::Activate, Staged | Deferred) => Installing,
         (Step::Activated, Installing) => Probation,
         (Step::InstallFailed, Installing) => Failed,
         (Step::Revert, Installing | Probation | Reverting) => Reverting,
         (Step::RevertDone, Reverting) => Reverted,
         (Step::ProbationPassed, Probation) => Committed,
-        (Step::Cancel, Downloading | Verifying | Staged) => Idle,
+        (Step::Cancel, Downloading | Verifying | Staged | Deferred) => Idle,
         (step, phase) => return Err(Disallowed { step, phase }),
     };
     Ok(next)
@@ -454,6 +462,52 @@ pub struct Persisted {
     /// The rollout whose directive this device refused last (until a directive is accepted).
     #[serde(default)]
     pub refused: Option<ringcast_proto::Refusal>,
+    /// The defer hook's "not now" for the job's release, while it stands: persisted, so the
+    /// deadline counts from the first "not now", not from a restart.
+    #[serde(default)]
+    pub deferral: Option<Deferral>,
+}
+
+/// The reason code a deferred device reports in its state report's `last_error`.
+pub const DEFERRED: &str = "deferred";
+
+/// A deferral under way: the defer hook said "not now" for `release` in `rollout_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deferral {
+    /// The rollout the job belonged to at the first "not now".
+    pub rollout_id: String,
+    /// The deferred release.
+    pub release: ReleaseRef,
+    /// The first "not now": the deadline counts from here.
+    pub since: Timestamp,
+    /// `since` + the hook's `deadline`: from then on the update proceeds without asking.
+    pub until: Timestamp,
+    /// The hook's latest reason.
+    pub reason: String,
+    /// When the hook is asked again.
+    pub retry_at: Timestamp,
+}
+
+impl Deferral {
+    /// Whether this deferral is the one of `job` (same rollout, same release): a deferral
+    /// counts per rollout and release.
+    pub fn is_for(&self, job: &Job) -> bool {
+        self.rollout_id == job.rollout_id
+            && self.release.name == job.release.name
+            && self.release.sequence == job.release.sequence
+    }
+
+    /// What the state report's `last_error` says while the device defers: reason code
+    /// `deferred`, the hook's reason and the deadline.
+    pub fn error_info(&self) -> ErrorInfo {
+        ErrorInfo {
+            reason: DEFERRED.to_owned(),
+            detail: format!(
+                "{}; deferred until {}, asking again at {}",
+                self.reason, self.until, self.retry_at
+            ),
+        }
+    }
 }
 
 /// SHA-256 of the last accepted directive envelope per topic: the retained copy seen again on
@@ -490,6 +544,7 @@ impl Persisted {
             digests: Digests::default(),
             report_seq: 0,
             refused: None,
+            deferral: None,
         }
     }
 
@@ -588,11 +643,12 @@ mod tests {
 
     /// Every phase. The `match` in `phase_list_is_complete` stops compiling when a phase is
     /// added, so this list (and the tests over it) cannot silently fall behind.
-    const PHASES: [Phase; 10] = [
+    const PHASES: [Phase; 11] = [
         Idle,
         Downloading,
         Verifying,
         Staged,
+        Deferred,
         Installing,
         Probation,
         Committed,
@@ -605,8 +661,8 @@ mod tests {
     fn phase_list_is_complete() {
         for p in PHASES {
             match p {
-                Idle | Downloading | Verifying | Staged | Installing | Probation | Committed
-                | Reverting | Reverted | Failed => {}
+                Idle | Downloading | Verifying | Staged | Deferred | Installing | Probation
+                | Committed | Reverting | Reverted | Failed => {}
             }
         }
         let mut names: Vec<&str> = PHASES.iter().map(|p| p.as_str()).collect();
@@ -618,7 +674,7 @@ mod tests {
     #[test]
     fn cancel_goes_to_idle_exactly_in_the_phases_before_activation() {
         for p in PHASES {
-            let before_activation = matches!(p, Downloading | Verifying | Staged);
+            let before_activation = matches!(p, Downloading | Verifying | Staged | Deferred);
             match transition(Step::Cancel, p) {
                 Ok(next) => {
                     assert!(before_activation, "{p:?} must not be cancellable");
@@ -656,7 +712,7 @@ mod tests {
         let j = job(2, Origin::Ring);
         for p in PHASES {
             let job = with_job(p).then_some(&j);
-            let want = if matches!(p, Downloading | Verifying | Staged) {
+            let want = if matches!(p, Downloading | Verifying | Staged | Deferred) {
                 Plan::Cancel(CancelReason::Held)
             } else {
                 Plan::NoteHold
@@ -679,7 +735,9 @@ mod tests {
         for p in PHASES {
             let job = with_job(p).then_some(&j);
             let want = match p {
-                Downloading | Verifying | Staged => Plan::Cancel(CancelReason::AlreadyCurrent),
+                Downloading | Verifying | Staged | Deferred => {
+                    Plan::Cancel(CancelReason::AlreadyCurrent)
+                }
                 Installing | Probation | Reverting => Plan::Wait,
                 _ => Plan::Nothing,
             };
@@ -699,7 +757,9 @@ mod tests {
         for p in PHASES {
             let job = with_job(p).then_some(&j);
             let want = match p {
-                Downloading | Verifying | Staged => Plan::Cancel(CancelReason::FailedBefore),
+                Downloading | Verifying | Staged | Deferred => {
+                    Plan::Cancel(CancelReason::FailedBefore)
+                }
                 Installing | Probation | Reverting => Plan::Wait,
                 _ => Plan::Nothing,
             };
@@ -754,7 +814,7 @@ mod tests {
             in_ramp: false,
         };
         for p in PHASES {
-            let cancellable = matches!(p, Downloading | Verifying | Staged);
+            let cancellable = matches!(p, Downloading | Verifying | Staged | Deferred);
             let ring_job = job(2, Origin::Ring);
             let pin_job = job(2, Origin::Device);
             let (ring_job, pin_job) = if with_job(p) {
@@ -807,6 +867,48 @@ mod tests {
                     }
                 ),
             }
+        }
+    }
+
+    #[test]
+    fn deferral_sits_between_staged_and_installing() {
+        assert_eq!(transition(Step::Defer, Staged).unwrap(), Deferred);
+        assert_eq!(transition(Step::Defer, Deferred).unwrap(), Deferred);
+        assert_eq!(transition(Step::Activate, Deferred).unwrap(), Installing);
+        assert_eq!(transition(Step::Restage, Deferred).unwrap(), Staged);
+        // Superseded or cancelled like staged work: nothing was activated.
+        assert_eq!(transition(Step::Start, Deferred).unwrap(), Downloading);
+        assert_eq!(transition(Step::Cancel, Deferred).unwrap(), Idle);
+        for p in PHASES
+            .into_iter()
+            .filter(|p| !matches!(p, Staged | Deferred))
+        {
+            assert!(transition(Step::Defer, p).is_err(), "{p:?}");
+        }
+        for p in PHASES.into_iter().filter(|p| *p != Deferred) {
+            assert!(transition(Step::Restage, p).is_err(), "{p:?}");
+        }
+        assert!(!is_busy(Deferred) && !is_activated(Deferred));
+    }
+
+    #[test]
+    fn phase_names_and_deferral_codes_are_in_the_operations_guide() {
+        let doc = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/operations.md"
+        ));
+        let hook_failed = EventKind::DeferHookFailed {
+            detail: String::new(),
+        };
+        let names = PHASES
+            .iter()
+            .map(|p| p.as_str())
+            .chain([DEFERRED, hook_failed.name()]);
+        for n in names {
+            assert!(
+                doc.contains(&format!("`{n}`")),
+                "docs/operations.md lacks `{n}`"
+            );
         }
     }
 

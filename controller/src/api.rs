@@ -1288,6 +1288,7 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
                     ("unresponsive", t.unresponsive),
                     ("refused", t.refused),
                     ("retrying", t.retrying),
+                    ("deferred", t.deferred),
                     ("in_ramp", t.in_ramp),
                 ] {
                     ring_lines.push(format!(
@@ -1398,11 +1399,11 @@ async function load() {
     nodes.push(el('h3', x.id + ' — ' + x.phase + (x.paused ? ' (paused)' : '')));
     if (x.detail) nodes.push(el('p', x.detail, 'bad'));
     const t = el('table');
-    t.append(row(['ring', 'status', 'progress', 'committed', 'failed', 'pending', 'unresponsive'], 'th'));
+    t.append(row(['ring', 'status', 'progress', 'committed', 'failed', 'pending', 'deferred', 'unresponsive'], 'th'));
     for (const g of x.rings) {
       const n = Math.max(g.tally.in_ramp, g.tally.reported, 1);
       const p = Math.round(100 * g.tally.committed / n);
-      t.append(row([g.name, g.status, progress(p), g.tally.committed, g.tally.failed, g.tally.pending, g.tally.unresponsive]));
+      t.append(row([g.name, g.status, progress(p), g.tally.committed, g.tally.failed, g.tally.pending, g.tally.deferred || 0, g.tally.unresponsive]));
     }
     nodes.push(t);
   }

@@ -425,6 +425,11 @@ pub struct Tally {
     pub pending: u32,
     /// Reported, not finished, silent past the timeout.
     pub unresponsive: u32,
+    /// Devices of the ramp whose defer hook said "not now" (battery low, user active) for
+    /// the rollout's release: not committed, not failed, not pending. The step waits for
+    /// them (until their deadline passes and they install) or its `step_timeout` ends it.
+    #[serde(default)]
+    pub deferred: u32,
 }
 
 impl Tally {

@@ -18,6 +18,10 @@ pub enum Phase {
     Verifying,
     /// Downloaded and verified; waiting for activation time and window.
     Staged,
+    /// Staged, and the device's defer hook answered "not now" (battery low, user active):
+    /// asked again after the hook's `retry`, until the deferral's deadline, after which the
+    /// update proceeds without asking. Not a failure, not yet activated.
+    Deferred,
     /// Activating.
     Installing,
     /// Activated; health checks running.
@@ -40,6 +44,7 @@ impl Phase {
             Phase::Downloading => "downloading",
             Phase::Verifying => "verifying",
             Phase::Staged => "staged",
+            Phase::Deferred => "deferred",
             Phase::Installing => "installing",
             Phase::Probation => "probation",
             Phase::Committed => "committed",
@@ -203,6 +208,20 @@ pub enum EventKind {
     Downloaded,
     /// Waiting for activation.
     Staged,
+    /// The defer hook answered "not now": the device waits until it says go, or until
+    /// `until`. Sent when a deferral starts and when its reason changes, not at every ask.
+    Deferred {
+        /// The hook's reason (the last line it printed).
+        reason: String,
+        /// The deadline: from then on the update proceeds without asking.
+        until: Timestamp,
+    },
+    /// The defer hook failed (an exit other than 0 or 75, a timeout, could not start): the
+    /// update goes ahead, because a broken hook must never block updates.
+    DeferHookFailed {
+        /// How it failed, and the tail of its output.
+        detail: String,
+    },
     /// Activated.
     Installed,
     /// A health round passed.
@@ -252,6 +271,8 @@ impl EventKind {
             EventKind::DownloadFailed { .. } => "download_failed",
             EventKind::Downloaded => "downloaded",
             EventKind::Staged => "staged",
+            EventKind::Deferred { .. } => "deferred",
+            EventKind::DeferHookFailed { .. } => "defer_hook_failed",
             EventKind::Installed => "installed",
             EventKind::Healthy => "healthy",
             EventKind::Committed => "committed",
@@ -407,6 +428,43 @@ mod tests {
         v.as_object_mut().unwrap().remove("seq");
         let r = StateReport::parse(&serde_json::to_vec(&v).unwrap()).unwrap();
         assert_eq!(r.seq, 0);
+    }
+
+    #[test]
+    fn deferred_is_a_phase_and_an_event_on_the_wire() {
+        let mut r = report(3, Phase::Deferred);
+        r.last_error = Some(ErrorInfo {
+            reason: "deferred".into(),
+            detail: "battery low".into(),
+        });
+        let v: serde_json::Value = serde_json::from_slice(&r.to_bytes()).unwrap();
+        assert_eq!(v["phase"], "deferred");
+        assert_eq!(StateReport::parse(&r.to_bytes()).unwrap(), r);
+        assert!(!Phase::Deferred.is_failure(), "deferring is not failing");
+        let until: Timestamp = "2026-11-24T00:00:00Z".parse().unwrap();
+        let e = Event {
+            id: "dev-1-7".into(),
+            device: "dev-1".into(),
+            at: "2026-11-23T00:00:00Z".parse().unwrap(),
+            rollout_id: Some("r1".into()),
+            release: None,
+            kind: EventKind::Deferred {
+                reason: "battery low".into(),
+                until,
+            },
+        };
+        let v: serde_json::Value = serde_json::from_slice(&e.to_bytes()).unwrap();
+        assert_eq!(v["event"], "deferred");
+        assert_eq!(v["reason"], "battery low");
+        assert_eq!(v["until"], "2026-11-24T00:00:00Z");
+        assert_eq!(Event::parse(&e.to_bytes()).unwrap(), e);
+        assert_eq!(e.kind.name(), "deferred");
+        let broken = EventKind::DeferHookFailed {
+            detail: "exit 1".into(),
+        };
+        assert_eq!(broken.name(), "defer_hook_failed");
+        let v = serde_json::to_value(&broken).unwrap();
+        assert_eq!(v["event"], "defer_hook_failed");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use ringcast_proto::release::{
 };
 use ringcast_proto::testkit::{Fixture, FLEET};
 use ringcast_proto::{
-    Action, Directive, Dur, Envelope, Event, Percent, StateReport, SystemClock, Topics,
+    Action, Clock, Directive, Dur, Envelope, Event, Percent, StateReport, SystemClock, Topics,
 };
 use rumqttc::{AsyncClient, Event as MqttEvent, Incoming, MqttOptions, QoS};
 use std::collections::HashMap;
@@ -630,10 +630,15 @@ impl Device {
     }
 
     pub fn deps(&self) -> Deps {
+        self.deps_with_clock(Arc::new(SystemClock))
+    }
+
+    /// [`Device::deps`] on `clock`.
+    pub fn deps_with_clock(&self, clock: Arc<dyn Clock>) -> Deps {
         std::fs::create_dir_all(&self.cfg.data_dir).unwrap();
         Deps {
             store: Arc::new(SledStore::open(&self.cfg.data_dir.join("db")).unwrap()),
-            clock: Arc::new(SystemClock),
+            clock,
             installer: Arc::new(FsInstaller::new(
                 self.install_root(),
                 Duration::from_secs(20),
@@ -682,6 +687,46 @@ command_timeout = "30s"
         let p = self.dir.path().join("agent.toml");
         std::fs::write(&p, text).unwrap();
         p
+    }
+}
+
+/// The system clock plus an offset the test moves forward: time runs at real speed (so
+/// probation and health rounds pass), and [`JumpClock::jump`] moves it ahead at once (past a
+/// retry, a deadline). Clones share the offset; the agent sees a jump at its next tick. It
+/// counts how often it was read: the agent reads it at every tick, so
+/// [`JumpClock::wait_reads`] awaits the agent having had that many chances to act.
+#[derive(Debug, Clone, Default)]
+pub struct JumpClock {
+    offset: Arc<Mutex<SignedDuration>>,
+    reads: Arc<AtomicU64>,
+}
+
+impl JumpClock {
+    pub fn jump(&self, by: SignedDuration) {
+        let mut g = self.offset.lock().unwrap();
+        *g += by;
+    }
+
+    /// Wait until the clock was read `n` more times, or panic after 10 s.
+    pub async fn wait_reads(&self, what: &str, n: u64) {
+        let want = self.reads.load(Ordering::SeqCst) + n;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.reads.load(Ordering::SeqCst) < want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: the agent read its clock {} of {want} times",
+                self.reads.load(Ordering::SeqCst)
+            );
+            // A counter has nothing to await: poll it.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Clock for JumpClock {
+    fn now(&self) -> Timestamp {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Timestamp::now() + *self.offset.lock().unwrap()
     }
 }
 

@@ -140,6 +140,11 @@ fn print_event(seq: Option<u64>, e: &Event) {
             field("bytes", &format!("{received} of {total}"));
         }
         EventKind::TrustRotated { version } => field("version", &version.to_string()),
+        EventKind::Deferred { reason, until } => {
+            field("reason", reason);
+            field("until", &until.to_string());
+        }
+        EventKind::DeferHookFailed { detail } => field("detail", detail),
         _ => {}
     }
 }

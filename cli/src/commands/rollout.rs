@@ -191,6 +191,7 @@ fn show(r: &RolloutView) {
                 t.failed.to_string(),
                 t.retrying.to_string(),
                 t.pending.to_string(),
+                t.deferred.to_string(),
                 t.unresponsive.to_string(),
             ]
         })
@@ -205,6 +206,7 @@ fn show(r: &RolloutView) {
             "failed",
             "retrying",
             "pending",
+            "deferred",
             "silent",
         ],
         &rows,

@@ -3,7 +3,8 @@
 //! Only devices in the step's ramp count. `committed` (installed, then healthy through the
 //! whole probation) is the only success; `installed` is still pending; a device silent past
 //! `unresponsive_after` is `unresponsive`; a device that refused the rollout's directive is
-//! `refused`, never pending.
+//! `refused`, never pending; a device whose defer hook said "not now" is `deferred`: not a
+//! failure, not a success, and not pending either.
 
 use crate::config::RingPolicy;
 use crate::model::{DeviceRecord, Rollout, Tally};
@@ -56,7 +57,10 @@ pub fn tally(
                 _ => t.failed += 1,
             }
         } else if now.duration_since(d.last_seen) > unresponsive_after {
+            // A deferring device reports at every ask of its hook: silence is silence.
             t.unresponsive += 1;
+        } else if r.phase == Phase::Deferred && ours(rollout, &r.target) {
+            t.deferred += 1;
         } else {
             t.pending += 1;
         }
@@ -190,6 +194,18 @@ mod tests {
         assert!(!gate_met(&t(1, 1, 0, 0), &r, false));
         // The last step never passes on fewer than min_reports.
         assert!(!gate_met(&t(1, 1, 1, 0), &r, true));
+    }
+
+    #[test]
+    fn deferred_devices_neither_fail_nor_pass_a_gate() {
+        let r = ring(3, 0.0);
+        let mut tl = t(4, 4, 2, 0);
+        tl.pending = 0;
+        tl.deferred = 2;
+        assert!(!gate_crossed(&tl, &r), "deferring is not failing");
+        assert_eq!(tl.failure_rate(), 0.0);
+        assert!(!gate_met(&tl, &r, true), "nor is it a commit");
+        assert!(!gate_unreachable(&tl, &r, true), "they may still commit");
     }
 
     #[test]

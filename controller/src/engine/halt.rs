@@ -193,10 +193,11 @@ pub fn unreachable_reason(
 pub fn timeout_reason(ring: &str, t: &Tally, need: u32, waited: &str) -> String {
     format!(
         "step timed out in ring {ring}: gate not met after {waited} ({} of {need} needed \
-         committed; {} pending, {} unresponsive, {} refused, {} failed, {} of {} devices in \
-         the ramp not reporting for this rollout)",
+         committed; {} pending, {} deferred, {} unresponsive, {} refused, {} failed, {} of {} \
+         devices in the ramp not reporting for this rollout)",
         t.committed,
         t.pending,
+        t.deferred,
         t.unresponsive,
         t.refused,
         t.failed,

@@ -49,6 +49,7 @@ pub fn coverage(
                 Phase::Downloading
                     | Phase::Verifying
                     | Phase::Staged
+                    | Phase::Deferred
                     | Phase::Installing
                     | Phase::Probation
                     | Phase::Reverting

@@ -157,8 +157,8 @@ fn step_timeout_ends_a_step_that_cannot_reach_its_gate() {
     assert!(
         reason.starts_with(
             "step timed out in ring canary: gate not met after 6h (1 of 3 needed committed; 0 \
-             pending, 1 unresponsive, 0 refused, 0 failed, 1 of 3 devices in the ramp not \
-             reporting for this rollout)"
+             pending, 0 deferred, 1 unresponsive, 0 refused, 0 failed, 1 of 3 devices in the \
+             ramp not reporting for this rollout)"
         ),
         "{reason}"
     );

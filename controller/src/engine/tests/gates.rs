@@ -1,5 +1,6 @@
 //! Gates: enough committed devices of the step's ramp, failures under the limit; refusals
-//! count as refused; a ring too small for its gate is warned about.
+//! count as refused; deferrals count as deferred; a ring too small for its gate is warned
+//! about.
 
 use super::*;
 use std::io::Write;
@@ -162,6 +163,79 @@ fn refused_devices_count_as_refused_never_pending() {
     assert_eq!(h.phase(&id), "baking");
     h.tick(hours(1));
     assert_eq!(h.phase(&id), "completed");
+}
+
+#[test]
+fn deferred_devices_count_apart_never_as_failures_and_the_step_waits_for_them() {
+    // A gate that halts on the first failure: a deferral must not look like one.
+    let mut canary = ring("canary");
+    canary.gate.min_reports = 3;
+    canary.gate.max_failure_rate = 0.0;
+    let mut h = Harness::new(policy(vec![canary]));
+    let devs = h.devices("canary", 3);
+    let id = h.submit(2);
+    h.eval();
+    h.report(&devs[0], Phase::Committed);
+    h.report(&devs[1], Phase::Deferred);
+    h.report(&devs[2], Phase::Deferred);
+    h.eval();
+    let t = h.tally("canary", Percent::FULL);
+    assert_eq!(
+        (t.committed, t.deferred, t.failed, t.pending, t.unresponsive),
+        (1, 2, 0, 0, 0)
+    );
+    assert_eq!(
+        t.reported, 3,
+        "a deferred device did report for the rollout"
+    );
+    assert_eq!(
+        h.phase(&id),
+        "publishing",
+        "not halted (no failure), not baking (two have not committed)"
+    );
+
+    // A deferring device reports at every ask of its hook; one that falls silent past
+    // `unresponsive_after` (15 min here) is unresponsive, whatever it said last.
+    h.tick(mins(10));
+    h.report(&devs[1], Phase::Deferred);
+    h.tick(mins(10));
+    let t = h.tally("canary", Percent::FULL);
+    assert_eq!((t.deferred, t.unresponsive), (1, 1));
+    assert_eq!(h.phase(&id), "publishing");
+
+    // Their deadline passes: they install and commit, and the step passes.
+    h.report(&devs[1], Phase::Committed);
+    h.report(&devs[2], Phase::Committed);
+    h.eval();
+    assert_eq!(h.phase(&id), "baking");
+    h.tick(hours(1));
+    assert_eq!(h.phase(&id), "completed");
+    assert_eq!(h.audited("halt"), 0);
+}
+
+#[test]
+fn devices_deferring_past_the_step_timeout_end_the_step_with_the_tally() {
+    let mut canary = ring("canary");
+    canary.step_timeout_setting = Some(Dur::secs(3600));
+    let mut h = Harness::new(policy(vec![canary]));
+    let devs = h.devices("canary", 2);
+    let id = h.submit(2);
+    h.eval();
+    // Both keep deferring (and reporting, every 10 min) through the whole step timeout.
+    for _ in 0..6 {
+        h.report(&devs[0], Phase::Deferred);
+        h.report(&devs[1], Phase::Deferred);
+        h.tick(mins(10));
+    }
+    assert_eq!(h.phase(&id), "halted");
+    let reason = h.stop_reason(&id);
+    assert!(
+        reason.starts_with(
+            "step timed out in ring canary: gate not met after 1h (0 of 2 needed committed; 0 \
+             pending, 2 deferred, 0 unresponsive, 0 refused, 0 failed,"
+        ),
+        "{reason}"
+    );
 }
 
 #[test]
