@@ -685,7 +685,9 @@ fn progress(d: &DeviceRecord, r: &Rollout) -> Progress {
         Phase::Committed if is(&rep.current) => Progress::Committed(since),
         p if p.is_failure() && (rep.target.is_none() || is(&rep.target)) => Progress::Failed,
         Phase::Downloading => Progress::Downloading(since),
-        Phase::Verifying | Phase::Staged => Progress::Staged,
+        // Deferred: staged, its own hook holds it (up to its deadline, which the forecast does
+        // not model: it is forecast as staged and ready).
+        Phase::Verifying | Phase::Staged | Phase::Deferred => Progress::Staged,
         Phase::Installing => Progress::Installing(since),
         Phase::Probation => Progress::Probation(since),
         // Idle (cancelled or not yet in the ramp), and phases this controller does not know
