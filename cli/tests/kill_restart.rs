@@ -171,7 +171,30 @@ gate = { min_reports = 1, max_failure_rate = 0.2 }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     wait_for(20, "broad directive after the bake", || watch.get("broad")).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A promotion made twice would be decided at a later tick: wait until the engine has
+    // carried out one after this moment (its /metrics say when), then count.
+    let seen = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let settled = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ringcast_engine_settled_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if settled.is_some_and(|t| t > seen) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no engine tick after {seen} within 10s (last {settled:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let log = client.audit().await.unwrap();
     let entries = ringcast_controller::audit::verify(&log).expect("audit intact after SIGKILL");
     let promotes = entries

@@ -1178,6 +1178,15 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
     let s = &app.shared;
     let c = &s.counters;
     let mut out = String::new();
+    let settled = *s.settled.borrow();
+    if settled > Timestamp::MIN {
+        let _ = writeln!(out, "# HELP ringcast_engine_settled_seconds Controller-clock time (unix seconds) of the last engine tick decided and carried out in full.\n# TYPE ringcast_engine_settled_seconds gauge");
+        let _ = writeln!(
+            out,
+            "ringcast_engine_settled_seconds {:.3}",
+            settled.as_millisecond() as f64 / 1000.0
+        );
+    }
     let _ = writeln!(out, "# HELP ringcast_reports_total State reports ingested.\n# TYPE ringcast_reports_total counter");
     let _ = writeln!(
         out,
