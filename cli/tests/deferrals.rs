@@ -9,28 +9,6 @@ use common::*;
 use ringcast_proto::report::ErrorInfo;
 use ringcast_proto::{Event, EventKind, Phase};
 
-/// Run the `ringcast` binary against `h` as a viewer (off the runtime: it blocks).
-async fn cli(h: &ringcast_controller::ControllerHandle, args: &[&str]) -> String {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let url = h.http_url();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
-            .args(&args)
-            .env("RINGCAST_SERVER", url)
-            .env("RINGCAST_TOKEN", VIEWER)
-            .output()
-            .expect("run ringcast")
-    })
-    .await
-    .expect("cli task");
-    assert!(
-        out.status.success(),
-        "ringcast failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deferred_device_is_shown_apart_in_the_tally_rollout_show_metrics_and_devices_show() {
     let w = World::new();

@@ -49,28 +49,6 @@ fn kinds(es: &[EventEntry]) -> Vec<&str> {
     es.iter().map(|e| e.event.kind.name()).collect()
 }
 
-/// Run the `ringcast` binary against `h` (off the runtime: it blocks until it exits).
-async fn cli(h: &ringcast_controller::ControllerHandle, args: &[&str]) -> String {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let url = h.http_url();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
-            .args(&args)
-            .env("RINGCAST_SERVER", url)
-            .env("RINGCAST_TOKEN", VIEWER)
-            .output()
-            .expect("run ringcast")
-    })
-    .await
-    .expect("cli task");
-    assert!(
-        out.status.success(),
-        "ringcast failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revert_evidence_outlives_later_events_and_a_restart_and_the_halt_names_the_check() {
     let w = World::new();

@@ -510,3 +510,26 @@ pub fn secs(n: i64) -> SignedDuration {
 pub fn api(h: &ControllerHandle, token: &str) -> ringcast_controller::client::Client {
     ringcast_controller::client::Client::new(&h.http_url(), Some(token.into()))
 }
+
+/// Run the `ringcast` binary against `h` as the viewer (off the runtime: it blocks until it
+/// exits); its stdout, or a panic with its stderr.
+pub async fn cli(h: &ControllerHandle, args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let url = h.http_url();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
+            .args(&args)
+            .env("RINGCAST_SERVER", url)
+            .env("RINGCAST_TOKEN", VIEWER)
+            .output()
+            .expect("run ringcast")
+    })
+    .await
+    .expect("cli task");
+    assert!(
+        out.status.success(),
+        "ringcast failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
