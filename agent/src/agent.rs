@@ -681,6 +681,7 @@ impl Agent {
             fleet: &self.cfg.fleet,
             ring: &self.cfg.ring,
             class: &self.cfg.device_class,
+            product: None,
         };
         let view = AgentView {
             trust: &self.trust,
@@ -1649,6 +1650,7 @@ fn build_report(cfg: &AgentConfig, st: &Persisted, now: Timestamp) -> StateRepor
         timezone: cfg.timezone.clone(),
         updated_at: now,
         attempt: st.attempt,
+        products: Default::default(),
     }
 }
 

@@ -345,6 +345,7 @@ fn placeholder(cfg: &AgentConfig) -> StateReport {
         timezone: cfg.timezone.clone(),
         updated_at: jiff::Timestamp::UNIX_EPOCH,
         attempt: 1,
+        products: Default::default(),
     }
 }
 

@@ -88,6 +88,7 @@ fn accept_as(
         fleet: testkit::FLEET,
         ring,
         class: "sensor-v2",
+        product: None,
     };
     let view = AgentView {
         trust: &w.fx.trust,
@@ -334,6 +335,7 @@ async fn blocked_release_unknown_device_and_unknown_release_are_refused() {
         timezone: "UTC".into(),
         updated_at: testkit::now(),
         attempt: 1,
+        products: Default::default(),
     };
     fleet
         .client

@@ -40,6 +40,7 @@ fn reports(topics: &Topics, round: u64) -> Vec<(String, Vec<u8>)> {
                 timezone: "Europe/Berlin".into(),
                 updated_at: testkit::now(),
                 attempt: 1,
+                products: Default::default(),
             };
             (topics.state(&device), r.to_bytes())
         })

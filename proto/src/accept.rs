@@ -20,6 +20,9 @@ pub struct DeviceIdentity<'a> {
     pub ring: &'a str,
     /// Device class.
     pub class: &'a str,
+    /// The product this decision is for (a release name), when the agent runs several and the
+    /// directive came from that product's topic; `None` on the single-product topics.
+    pub product: Option<&'a str>,
 }
 
 /// What the agent has persisted that the decision depends on.
@@ -156,6 +159,16 @@ pub fn verify_directive(
         }
     }
 
+    if d.product.as_deref() != me.product {
+        return Err(Rejection::new(
+            Reason::WrongTarget,
+            format!(
+                "directive is for product {:?}, this topic is for {:?}",
+                d.product, me.product
+            ),
+        ));
+    }
+
     // A verified issued_at moves trusted time forward; a device with a clock far behind still
     // judges expiry from the newest signed time it has seen.
     let now = view.trusted_now.max(d.issued_at);
@@ -191,6 +204,12 @@ pub fn check_release(
     let release = match (d.action, &d.release) {
         (Action::Install, Some(renv)) => {
             let r = verify_release(trust, renv, now, view.skew)?;
+            if let Some(p) = me.product.filter(|p| *p != r.name) {
+                return Err(Rejection::new(
+                    Reason::WrongTarget,
+                    format!("release {} {} is not of product {p:?}", r.name, r.version),
+                ));
+            }
             if !r.is_compatible(me.class) {
                 return Err(Rejection::new(
                     Reason::Incompatible,
@@ -230,6 +249,7 @@ mod tests {
             fleet: FLEET,
             ring: "canary",
             class: "sensor-v2",
+            product: None,
         }
     }
 

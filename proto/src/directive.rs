@@ -62,6 +62,11 @@ pub struct Directive {
     /// Set only on per-device directives: the device it is for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// The product (release name) this directive is for, on a product topic
+    /// (`…/rings/{ring}/products/{product}/directive`); absent on the single-product topics.
+    /// Signed, so a directive cannot be replayed from one product's topic onto another's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
     /// Rollout this directive belongs to; also the ramp seed.
     pub rollout_id: String,
     /// Strictly increasing per topic (replay protection).
@@ -114,6 +119,9 @@ impl Directive {
         check_name("rollout_id", &self.rollout_id)?;
         if let Some(d) = &self.device {
             check_name("device", d)?;
+        }
+        if let Some(p) = &self.product {
+            check_name("product", p)?;
         }
         if self.expires_at <= self.issued_at {
             return Err(Rejection::malformed(

@@ -5,6 +5,8 @@ use crate::limits::MAX_REPORT_BYTES;
 use crate::window::Window;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 /// Agent phases (DESIGN.md "Agent state machine").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -131,7 +133,51 @@ pub struct StateReport {
     pub timezone: String,
     /// When this report was produced (device's trusted time).
     pub updated_at: Timestamp,
+    /// An agent running several products (docs/operations.md "Products") reports each here,
+    /// keyed by product name (= release name), and leaves the fields above that describe one
+    /// release empty (`current`/`previous`/`target`/`rollout_id`/`last_error`/`refused` absent,
+    /// `phase` `idle`). Absent on the wire for a single-product agent, whose report is as
+    /// before: its fields above describe every release it is sent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub products: BTreeMap<String, ProductState>,
 }
+
+/// One product's part of a [`StateReport`]: the same fields a single-product report carries
+/// at its top level, for that product alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProductState {
+    /// Running release of this product.
+    pub current: Option<ReleaseRef>,
+    /// Release kept for revert.
+    #[serde(default)]
+    pub previous: Option<ReleaseRef>,
+    /// Release being worked on.
+    #[serde(default)]
+    pub target: Option<ReleaseRef>,
+    /// Phase.
+    pub phase: Phase,
+    /// Rollout the phase belongs to.
+    #[serde(default)]
+    pub rollout_id: Option<String>,
+    /// Last error.
+    #[serde(default)]
+    pub last_error: Option<ErrorInfo>,
+    /// A refused rollout of this product (see [`StateReport::refused`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refusal>,
+    /// The attempt the phase belongs to (see [`StateReport::attempt`]).
+    #[serde(
+        default = "crate::directive::first_attempt",
+        skip_serializing_if = "crate::directive::is_first_attempt"
+    )]
+    pub attempt: u32,
+    /// This product's delivery windows (the device's own apply as well).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<Window>,
+}
+
+/// Most products one agent may report (an OS image, an application, firmware, … ).
+pub const MAX_PRODUCTS: usize = 16;
 
 /// How a state report relates to the one kept before it ([`StateReport::order_against`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,7 +363,56 @@ impl StateReport {
 
     /// Parse with the report size limit.
     pub fn parse(bytes: &[u8]) -> Result<StateReport> {
-        parse_bounded("state report", bytes)
+        let r: StateReport = parse_bounded("state report", bytes)?;
+        if r.products.len() > MAX_PRODUCTS {
+            return Err(Rejection::new(
+                Reason::TooLarge,
+                format!(
+                    "state report lists {} products, over {MAX_PRODUCTS}",
+                    r.products.len()
+                ),
+            ));
+        }
+        for name in r.products.keys() {
+            crate::limits::check_name("product", name)?;
+        }
+        Ok(r)
+    }
+
+    /// Whether this report comes from an agent that runs several products (it has a
+    /// `products` map).
+    pub fn is_multi_product(&self) -> bool {
+        !self.products.is_empty()
+    }
+
+    /// The report as it concerns releases named `product`, shaped like a single-product
+    /// report: the report itself from a single-product agent (which takes every release it is
+    /// sent), the product's entry lifted to the top from a multi-product agent, or `None` when
+    /// that agent does not run the product (it is not part of that product's rollouts).
+    pub fn for_product(&self, product: &str) -> Option<Cow<'_, StateReport>> {
+        if self.products.is_empty() {
+            return Some(Cow::Borrowed(self));
+        }
+        let p = self.products.get(product)?;
+        Some(Cow::Owned(StateReport {
+            device: self.device.clone(),
+            seq: self.seq,
+            ring: self.ring.clone(),
+            device_class: self.device_class.clone(),
+            agent_version: self.agent_version.clone(),
+            current: p.current.clone(),
+            previous: p.previous.clone(),
+            target: p.target.clone(),
+            phase: p.phase,
+            rollout_id: p.rollout_id.clone(),
+            last_error: p.last_error.clone(),
+            refused: p.refused.clone(),
+            attempt: p.attempt,
+            windows: self.windows.iter().chain(&p.windows).cloned().collect(),
+            timezone: self.timezone.clone(),
+            updated_at: self.updated_at,
+            products: BTreeMap::new(),
+        }))
     }
 
     /// Serialise.
@@ -400,7 +495,61 @@ mod tests {
             timezone: "UTC".into(),
             updated_at: "2026-11-23T00:00:00Z".parse().unwrap(),
             attempt: 1,
+            products: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_product_entry_reads_like_a_single_product_report() {
+        let single = report(4, Phase::Probation);
+        assert!(matches!(single.for_product("os"), Some(Cow::Borrowed(_))));
+        assert!(!single.is_multi_product());
+        let v = serde_json::to_value(&single).unwrap();
+        assert!(v.get("products").is_none(), "absent on the wire when empty");
+
+        let mut multi = report(5, Phase::Idle);
+        let os = ReleaseRef {
+            name: "os".into(),
+            version: "2.0.0".into(),
+            sequence: 20,
+        };
+        multi.products.insert(
+            "os".into(),
+            ProductState {
+                current: Some(os.clone()),
+                previous: None,
+                target: Some(os.clone()),
+                phase: Phase::Committed,
+                rollout_id: Some("os-20".into()),
+                last_error: None,
+                refused: None,
+                attempt: 2,
+                windows: vec![Window::parse("Sun 01:00-03:00").unwrap()],
+            },
+        );
+        let bytes = multi.to_bytes();
+        let back = StateReport::parse(&bytes).unwrap();
+        assert_eq!(back, multi);
+        let view = back.for_product("os").unwrap();
+        assert_eq!(view.phase, Phase::Committed);
+        assert_eq!(view.current.as_ref(), Some(&os));
+        assert_eq!(view.rollout_id.as_deref(), Some("os-20"));
+        assert_eq!(view.attempt, 2);
+        assert_eq!(view.windows.len(), 1);
+        assert!(view.products.is_empty());
+        assert!(
+            back.for_product("app").is_none(),
+            "a product it does not run"
+        );
+
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["products"]["bad/name"] = v["products"]["os"].clone();
+        assert_eq!(
+            StateReport::parse(&serde_json::to_vec(&v).unwrap())
+                .unwrap_err()
+                .reason,
+            Reason::Malformed
+        );
     }
 
     #[test]

@@ -158,6 +158,7 @@ impl Fixture {
             fleet: FLEET.into(),
             ring: ring.into(),
             device: None,
+            product: None,
             rollout_id: "rollout-1".into(),
             sequence,
             issued_at: now(),

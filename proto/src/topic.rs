@@ -18,6 +18,21 @@ pub enum Topic {
     RingDirective(String),
     /// `…/devices/{device}/directive`
     DeviceDirective(String),
+    /// `…/rings/{ring}/products/{product}/directive`: a ring's directive for one product.
+    RingProductDirective {
+        /// Ring.
+        ring: String,
+        /// Product (a release name).
+        product: String,
+    },
+    /// `…/devices/{device}/products/{product}/directive`: one device's directive for one
+    /// product (a pin).
+    DeviceProductDirective {
+        /// Device.
+        device: String,
+        /// Product (a release name).
+        product: String,
+    },
     /// `…/devices/{device}/state`
     State(String),
     /// `…/devices/{device}/events`
@@ -72,6 +87,30 @@ impl Topics {
         format!("{}/devices/{device}/directive", self.prefix)
     }
 
+    /// `…/rings/{ring}/products/{product}/directive`
+    pub fn ring_product_directive(&self, ring: &str, product: &str) -> String {
+        format!("{}/rings/{ring}/products/{product}/directive", self.prefix)
+    }
+
+    /// `…/devices/{device}/products/{product}/directive`
+    pub fn device_product_directive(&self, device: &str, product: &str) -> String {
+        format!(
+            "{}/devices/{device}/products/{product}/directive",
+            self.prefix
+        )
+    }
+
+    /// The directive topic of a ring (`device` `None`) or of one device, for one product or
+    /// (`product` `None`) the single-product topic.
+    pub fn directive(&self, ring: &str, device: Option<&str>, product: Option<&str>) -> String {
+        match (device, product) {
+            (None, None) => self.ring_directive(ring),
+            (Some(d), None) => self.device_directive(d),
+            (None, Some(p)) => self.ring_product_directive(ring, p),
+            (Some(d), Some(p)) => self.device_product_directive(d, p),
+        }
+    }
+
     /// `…/devices/{device}/state`
     pub fn state(&self, device: &str) -> String {
         format!("{}/devices/{device}/state", self.prefix)
@@ -113,6 +152,15 @@ impl Topics {
         ]
     }
 
+    /// The directive topics an agent running `product` subscribes to besides the trust topic:
+    /// the ring's and its own, for that product.
+    pub fn product_subscriptions(&self, ring: &str, device: &str, product: &str) -> [String; 2] {
+        [
+            self.ring_product_directive(ring, product),
+            self.device_product_directive(device, product),
+        ]
+    }
+
     /// Parse a topic under this prefix. Names are validated, so a device id taken from a topic
     /// is always a safe name.
     pub fn parse(&self, topic: &str) -> Result<Topic> {
@@ -128,6 +176,22 @@ impl Topics {
             ["rings", ring, "directive"] => {
                 check_name("ring", ring)?;
                 Topic::RingDirective((*ring).to_owned())
+            }
+            ["rings", ring, "products", product, "directive"] => {
+                check_name("ring", ring)?;
+                check_name("product", product)?;
+                Topic::RingProductDirective {
+                    ring: (*ring).to_owned(),
+                    product: (*product).to_owned(),
+                }
+            }
+            ["devices", dev, "products", product, "directive"] => {
+                check_name("device", dev)?;
+                check_name("product", product)?;
+                Topic::DeviceProductDirective {
+                    device: (*dev).to_owned(),
+                    product: (*product).to_owned(),
+                }
             }
             ["devices", dev, leaf] => {
                 check_name("device", dev)?;
@@ -168,6 +232,32 @@ mod tests {
             t.parse(&t.device_directive("d")).unwrap(),
             Topic::DeviceDirective("d".into())
         );
+        assert_eq!(
+            t.parse(&t.ring_product_directive("canary", "os")).unwrap(),
+            Topic::RingProductDirective {
+                ring: "canary".into(),
+                product: "os".into()
+            }
+        );
+        assert_eq!(
+            t.device_product_directive("d", "os"),
+            "ringcast/plant-7/devices/d/products/os/directive"
+        );
+        assert_eq!(
+            t.parse(&t.directive("x", Some("d"), Some("app"))).unwrap(),
+            Topic::DeviceProductDirective {
+                device: "d".into(),
+                product: "app".into()
+            }
+        );
+        assert_eq!(
+            t.directive("canary", None, None),
+            t.ring_directive("canary")
+        );
+        assert_eq!(
+            t.directive("canary", Some("d"), None),
+            t.device_directive("d")
+        );
         assert_eq!(t.parse(&t.state("d")).unwrap(), Topic::State("d".into()));
         assert_eq!(t.parse(&t.events("d")).unwrap(), Topic::Events("d".into()));
         assert_eq!(t.parse(&t.online("d")).unwrap(), Topic::Online("d".into()));
@@ -186,6 +276,9 @@ mod tests {
             "ringcast/f/devices/d/x",
             "ringcast/f/devices/+/state",
             "ringcast/f/rings/a/b/directive",
+            "ringcast/f/rings/a/products/+/directive",
+            "ringcast/f/rings/a/products//directive",
+            "ringcast/f/devices/d/products/os/state",
             "ringcast/f/devices//state",
             "ringcast/ftrust",
         ] {

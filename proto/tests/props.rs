@@ -186,6 +186,7 @@ fn directive() -> impl Strategy<Value = Directive> {
                     fleet,
                     ring,
                     device,
+                    product: None,
                     rollout_id: rollout,
                     sequence: seq,
                     issued_at,
@@ -275,6 +276,7 @@ fn state_report() -> impl Strategy<Value = StateReport> {
                     timezone: "Europe/Berlin".into(),
                     updated_at: at,
                     attempt: 1,
+                    products: Default::default(),
                 }
             },
         )
@@ -381,6 +383,7 @@ fn device() -> DeviceIdentity<'static> {
         fleet: testkit::FLEET,
         ring: "canary",
         class: "sensor-v2",
+        product: None,
     }
 }
 
@@ -696,6 +699,7 @@ proptest! {
             timezone: "UTC".into(),
             updated_at: testkit::now(),
             attempt: 1,
+            products: Default::default(),
         };
         let _ = StateReport::parse(&mutate(report.to_bytes(), &ms));
     }

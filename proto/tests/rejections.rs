@@ -22,6 +22,7 @@ fn me() -> DeviceIdentity<'static> {
         fleet: FLEET,
         ring: "canary",
         class: "sensor-v2",
+        product: None,
     }
 }
 
@@ -514,4 +515,45 @@ fn expired_trust_root_vouches_even_for_no_hold() {
     let err = accept_directive(&me(), &v, Source::Ring, &env.to_vec()).unwrap_err();
     assert_eq!(err.reason, Reason::Expired);
     assert!(err.detail.contains("trust root"), "{err}");
+}
+
+/// A product topic binds the directive (its signed `product`) and the release (its `name`)
+/// to the product, so an `os` directive replayed onto the `app` topic, or an `os` release
+/// sent on the `app` topic, is refused; the single-product topics take no product.
+#[test]
+fn product_topics_bind_the_directive_and_the_release_to_the_product() {
+    let f = Fixture::new();
+    let r = sample_release("app", 3, 1);
+    let app = DeviceIdentity {
+        product: Some(r.name.as_str()),
+        ..me()
+    };
+    let take = |who: &DeviceIdentity<'_>, d: &Directive| {
+        accept_directive(
+            who,
+            &view(&f),
+            Source::Ring,
+            &d.sign(&[&f.controller]).to_vec(),
+        )
+    };
+    let mut d = with_release(&f, &r);
+    d.product = Some(r.name.clone());
+    assert!(take(&app, &d).is_ok(), "its own product's directive");
+    let err = take(&me(), &d).unwrap_err();
+    assert_eq!(err.reason, Reason::WrongTarget, "{}", err.detail);
+    let other = DeviceIdentity {
+        product: Some("os"),
+        ..me()
+    };
+    let err = take(&other, &d).unwrap_err();
+    assert_eq!(err.reason, Reason::WrongTarget, "{}", err.detail);
+    // Signed for os, carrying a release of another name: the release is refused.
+    d.product = Some("os".into());
+    let err = take(&other, &d).unwrap_err();
+    assert_eq!(err.reason, Reason::WrongTarget, "{}", err.detail);
+    assert!(err.detail.contains("not of product"), "{}", err.detail);
+    // An unmarked directive is for single-product agents only.
+    d.product = None;
+    assert_eq!(take(&app, &d).unwrap_err().reason, Reason::WrongTarget);
+    assert!(take(&me(), &d).is_ok());
 }

@@ -31,6 +31,7 @@ const DEVICE: DeviceIdentity<'static> = DeviceIdentity {
     fleet: FLEET,
     ring: "canary",
     class: "sensor-v2",
+    product: None,
 };
 const LAST_SEQUENCE: u64 = 100;
 const ROLLBACK_FLOOR: u64 = 2;

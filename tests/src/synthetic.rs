@@ -35,6 +35,7 @@ pub fn report(device: &str, seq: u64, phase: Phase) -> StateReport {
         timezone: "UTC".into(),
         updated_at: ringcast_proto::jiff::Timestamp::now(),
         attempt: 1,
+        products: Default::default(),
     }
 }
 

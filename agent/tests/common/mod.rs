@@ -366,6 +366,7 @@ pub fn directive(f: &Fixture, rollout: &str, r: &Release) -> Directive {
         fleet: FLEET.into(),
         ring: RING.into(),
         device: None,
+        product: None,
         rollout_id: rollout.into(),
         sequence: next_seq(),
         issued_at: now,

@@ -353,6 +353,7 @@ impl Fleet {
             timezone: "UTC".into(),
             updated_at: testkit::now(),
             attempt: 1,
+            products: Default::default(),
         };
         self.client
             .publish(

@@ -338,6 +338,7 @@ impl Core {
             fleet: self.cfg.policy.fleet.clone(),
             ring: spec.ring.clone(),
             device: spec.device.clone(),
+            product: None,
             rollout_id: spec.rollout_id.clone(),
             sequence: spec.sequence,
             issued_at: spec.issued_at,

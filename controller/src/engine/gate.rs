@@ -262,6 +262,7 @@ mod tests {
             timezone: "UTC".into(),
             updated_at: testkit::now(),
             attempt: 1,
+            products: Default::default(),
         }
     }
 

@@ -261,6 +261,7 @@ impl Harness {
             timezone: "UTC".into(),
             updated_at: self.now,
             attempt: 1,
+            products: Default::default(),
         };
         self.devices.insert(
             device.into(),
