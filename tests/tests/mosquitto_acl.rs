@@ -91,9 +91,15 @@ async fn device_publishes_its_own_reports_and_reads_trust_ring_and_own_directive
     ctl.publish(&t.device_directive(DEV_A), "pin-for-a", true, WAIT)
         .await
         .unwrap();
+    for topic in t.product_subscriptions("canary", DEV_A, "os") {
+        ctl.publish(&topic, "os-directive", true, WAIT)
+            .await
+            .unwrap();
+    }
 
     let mut a = lab.device(DEV_A).await;
-    for topic in t.agent_subscriptions("canary", DEV_A) {
+    let product_topics = t.product_subscriptions("canary", DEV_A, "os");
+    for topic in t.agent_subscriptions("canary", DEV_A).iter().chain(&product_topics) {
         a.subscribe_ok(&topic, WAIT).await.unwrap();
         let got = a.expect_publish(&topic, WAIT).await.unwrap();
         assert!(got.retain, "{topic} should arrive as a retained message");
@@ -164,6 +170,9 @@ async fn a_device_cannot_publish_directives_or_trust() {
         t.device_directive(DEV_A),
         // Not even its own device directive: only the controller targets devices.
         t.device_directive(DEV_B),
+        t.ring_product_directive("canary", "os"),
+        t.device_product_directive(DEV_A, "os"),
+        t.device_product_directive(DEV_B, "os"),
     ];
     for topic in &forged {
         b.publish(topic, "forged-by-b", true, WAIT).await.unwrap();
@@ -193,6 +202,10 @@ async fn another_device_cannot_read_a_devices_directive() {
     ctl.publish(&t.device_directive(DEV_A), "pin-for-a", true, WAIT)
         .await
         .unwrap();
+    let a_os = t.device_product_directive(DEV_A, "os");
+    ctl.publish(&a_os, "os-pin-for-a", true, WAIT)
+        .await
+        .unwrap();
     ctl.publish(&t.trust(), "trust-v1", true, WAIT)
         .await
         .unwrap();
@@ -202,6 +215,7 @@ async fn another_device_cannot_read_a_devices_directive() {
     // that neither the retained nor a live directive of dev-a ever reaches dev-b, even
     // through a wildcard.
     b.subscribe(&t.device_directive(DEV_A), WAIT).await.unwrap();
+    b.subscribe(&a_os, WAIT).await.unwrap();
     b.subscribe(&format!("{}/#", t.prefix()), WAIT)
         .await
         .unwrap();
@@ -209,6 +223,9 @@ async fn another_device_cannot_read_a_devices_directive() {
     b.expect_publish(&t.trust(), WAIT).await.unwrap();
 
     ctl.publish(&t.device_directive(DEV_A), "hotfix-for-a", false, WAIT)
+        .await
+        .unwrap();
+    ctl.publish(&a_os, "os-hotfix-for-a", false, WAIT)
         .await
         .unwrap();
     ctl.publish(&t.device_directive(DEV_B), "for-b", false, WAIT)
@@ -221,7 +238,7 @@ async fn another_device_cannot_read_a_devices_directive() {
         .unwrap();
     assert_eq!(&got.payload[..], b"for-b");
     let a_dir = t.device_directive(DEV_A);
-    b.expect_nothing(|topic| topic == a_dir, SILENCE)
+    b.expect_nothing(|topic| topic == a_dir || topic == a_os, SILENCE)
         .await
         .unwrap();
 
@@ -230,6 +247,9 @@ async fn another_device_cannot_read_a_devices_directive() {
     a.subscribe_ok(&a_dir, WAIT).await.unwrap();
     let got = a.expect_publish(&a_dir, WAIT).await.unwrap();
     assert_eq!(&got.payload[..], b"pin-for-a");
+    a.subscribe_ok(&a_os, WAIT).await.unwrap();
+    let got = a.expect_publish(&a_os, WAIT).await.unwrap();
+    assert_eq!(&got.payload[..], b"os-pin-for-a");
 }
 
 #[tokio::test]
