@@ -99,7 +99,11 @@ async fn device_publishes_its_own_reports_and_reads_trust_ring_and_own_directive
 
     let mut a = lab.device(DEV_A).await;
     let product_topics = t.product_subscriptions("canary", DEV_A, "os");
-    for topic in t.agent_subscriptions("canary", DEV_A).iter().chain(&product_topics) {
+    for topic in t
+        .agent_subscriptions("canary", DEV_A)
+        .iter()
+        .chain(&product_topics)
+    {
         a.subscribe_ok(&topic, WAIT).await.unwrap();
         let got = a.expect_publish(&topic, WAIT).await.unwrap();
         assert!(got.retain, "{topic} should arrive as a retained message");
