@@ -128,8 +128,9 @@ fn round(secs: f64) -> f64 {
 /// Every value a [`Prediction`]'s `waits_for` takes: the [`Wait`] codes, and for one device
 /// `window` (its windows never meet the ring's) and `pin` (a standing pin decides).
 /// docs/operations.md lists them.
-pub const WAITS_FOR: [&str; 8] = [
+pub const WAITS_FOR: [&str; 9] = [
     "approval",
+    "launch_held",
     "paused",
     "queued",
     "gate_unreachable",
@@ -148,6 +149,8 @@ pub enum Wait {
         /// The ring.
         ring: String,
     },
+    /// A launch an operator held: nothing activates until a new launch time is set.
+    LaunchHeld,
     /// Paused by an operator.
     Paused,
     /// Queued behind a running rollout of the same release name.
@@ -189,6 +192,7 @@ impl Wait {
     pub fn code(&self) -> &'static str {
         match self {
             Wait::Approval { .. } => "approval",
+            Wait::LaunchHeld => "launch_held",
             Wait::Paused => "paused",
             Wait::Queued => "queued",
             Wait::GateUnreachable { .. } => "gate_unreachable",
@@ -202,6 +206,9 @@ impl Wait {
     pub fn note(&self) -> String {
         match self {
             Wait::Approval { ring } => format!("waits for an approval of ring {ring}"),
+            Wait::LaunchHeld => {
+                "the launch is held: nothing activates until a new launch time is set".into()
+            }
             Wait::Paused => "the rollout is paused".into(),
             Wait::Queued => "queued behind a running rollout of the same release name".into(),
             Wait::GateUnreachable {
@@ -660,8 +667,8 @@ enum Progress {
     Probation(Timestamp),
     /// Committed (controller time of the report).
     Committed(Timestamp),
-    /// Reverted or failed: it will not commit this release.
-    Failed,
+    /// Reverted or failed at this attempt (it commits only if the ring retries).
+    Failed(u32),
     /// Refused the directive.
     Refused,
 }
@@ -683,7 +690,9 @@ fn progress(d: &DeviceRecord, r: &Rollout) -> Progress {
     let since = d.last_seen;
     match rep.phase {
         Phase::Committed if is(&rep.current) => Progress::Committed(since),
-        p if p.is_failure() && (rep.target.is_none() || is(&rep.target)) => Progress::Failed,
+        p if p.is_failure() && (rep.target.is_none() || is(&rep.target)) => {
+            Progress::Failed(rep.attempt)
+        }
         Phase::Downloading => Progress::Downloading(since),
         // Deferred: staged, its own hook holds it (up to its deadline, which the forecast does
         // not model: it is forecast as staged and ready).
@@ -809,16 +818,23 @@ impl<'a> Walk<'a> {
             all_open(&[&ring, &own], from)
         };
         let t = self.t;
+        let mut retried = None;
         let staged = match progress(d, self.r) {
             Progress::Committed(at) => {
                 plan.commits = Some(at);
                 plan.note = "committed".into();
                 return plan;
             }
-            Progress::Failed => {
-                plan.note = "failed this release (reverted or install failed)".into();
-                return plan;
-            }
+            Progress::Failed(at) => match self.retry_at(&rp.name, at) {
+                Some(retry) => {
+                    retried = Some(at);
+                    add(retry, t.download)
+                }
+                None => {
+                    plan.note = "failed this release (reverted or install failed)".into();
+                    return plan;
+                }
+            },
             Progress::Refused => {
                 plan.note = "refused the directive".into();
                 return plan;
@@ -850,7 +866,10 @@ impl<'a> Walk<'a> {
                 } else {
                     "commits after download, install and probation"
                 };
-                plan.note = format!("enters the ramp at step {step}; {why}");
+                plan.note = match retried {
+                    Some(n) => format!("failed at attempt {n}, the ring retries it: {why}"),
+                    None => format!("enters the ramp at step {step}; {why}"),
+                };
             }
             None => {
                 plan.note = "its delivery windows and the ring's are never open together".into();
@@ -909,7 +928,28 @@ impl<'a> Walk<'a> {
     }
 
     /// Walk the steps; the reason it stopped early, if it did.
+    /// When a device of `ring` that failed at `attempt` is asked again: at once when the
+    /// ring's directive already carries a later attempt, else when the ring's backoff
+    /// (`retry_backoff`, doubled per attempt after the first) ends; `None` when no attempt is
+    /// left.
+    fn retry_at(&self, ring: &str, attempt: u32) -> Option<Timestamp> {
+        let a = self.r.attempts.get(ring)?;
+        if !a.will_retry(attempt) {
+            return None;
+        }
+        if attempt < a.attempt {
+            return Some(self.now);
+        }
+        let rp = self.policy.ring(ring)?;
+        let wait = (0..a.attempt.saturating_sub(1).min(20))
+            .fold(rp.retry_backoff.signed(), |w, _| w.saturating_mul(2));
+        Some(add(a.at, wait).max(self.now))
+    }
+
     fn walk(&mut self) -> Option<Wait> {
+        if self.r.launch.as_ref().is_some_and(|l| l.held) {
+            return Some(Wait::LaunchHeld);
+        }
         let (cursor, stage) = match &self.r.state {
             RolloutState::Queued => return Some(Wait::Queued),
             RolloutState::Pending => ((0, 0), None),

@@ -10,7 +10,7 @@ use crate::engine::forecast::{
     forecast, FleetView, Forecast, History, NoHistory, Prediction, Wait, DEFAULT_DOWNLOAD,
     DEFAULT_INSTALL, WAITS_FOR,
 };
-use crate::model::EventEntry;
+use crate::model::{EventEntry, LaunchMode};
 use ringcast_proto::{EventKind, Window};
 
 fn secs(n: i64) -> SignedDuration {
@@ -592,4 +592,71 @@ fn waits_for_codes_are_unique_snake_case_and_in_the_operations_guide() {
     codes.sort_unstable();
     codes.dedup();
     assert_eq!(codes.len(), WAITS_FOR.len(), "codes are unique");
+}
+
+#[test]
+fn a_failed_device_its_ring_retries_is_forecast_from_the_retry_and_one_out_of_attempts_is_not() {
+    let mut r = ring_with("canary", &[100.0], 1);
+    r.retries = 1;
+    r.retry_backoff = Dur::secs(600);
+    r.gate.max_failure_rate = 1.0; // a final failure does not halt here
+    let mut h = Harness::new(policy(vec![r]));
+    h.devices("canary", 2);
+    h.submit(2);
+    h.eval();
+    let t0 = h.now;
+    h.tick(secs(100));
+    h.report_attempt("canary-0", Phase::Reverted, 1);
+    let p = h.predict("canary-0");
+    let retry = t0 + secs(600);
+    assert_eq!(
+        p.at,
+        Some(retry + default_lead()),
+        "asked again when the backoff ends, then download, install, probation: {}",
+        p.note
+    );
+    assert!(p.note.contains("failed at attempt 1"), "{}", p.note);
+    // At the last attempt a failure is final: no time.
+    h.report_attempt("canary-1", Phase::Failed, 2);
+    let p = h.predict("canary-1");
+    assert_eq!(p.at, None);
+    assert!(p.note.contains("failed this release"), "{}", p.note);
+    // Once the retry is out, a device that failed at the earlier attempt goes again at once.
+    h.tick(secs(500));
+    let now = h.now;
+    let p = h.predict("canary-0");
+    assert_eq!(h.directive("canary").attempt, 2, "the retry is out");
+    assert_eq!(p.at, Some(now + default_lead()), "{}", p.note);
+}
+
+#[test]
+fn a_held_launch_forecasts_no_time_and_says_why() {
+    let mut h = Harness::new(policy(vec![
+        ring_with("canary", &[100.0], 1),
+        ring_with("broad", &[100.0], 1),
+    ]));
+    h.devices("canary", 1);
+    h.devices("broad", 1);
+    let launch = h.now.checked_add(hours(2)).unwrap();
+    let id = h.submit_launch(2, launch, LaunchMode::Rings);
+    h.eval();
+    let p = h.predict("canary-0");
+    assert_eq!(
+        p.at,
+        Some(launch + DEFAULT_INSTALL + PROBATION),
+        "staged ahead, activates at the launch: {}",
+        p.note
+    );
+    h.relaunch(&id, None).expect("held");
+    for d in ["canary-0", "broad-0"] {
+        let p = h.predict(d);
+        assert_eq!(p.at, None, "{d}: {}", p.note);
+        assert_eq!(p.waits_for.as_deref(), Some("launch_held"), "{d}");
+    }
+    let f = h.forecast();
+    assert_eq!(f.rollouts[0].completes_at, None);
+    assert_eq!(
+        f.rollouts[0].waits.as_ref().map(|w| w.code()),
+        Some("launch_held")
+    );
 }
