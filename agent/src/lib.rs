@@ -88,6 +88,7 @@ pub mod error;
 pub mod fleet;
 pub mod health;
 pub mod http;
+mod hub;
 pub mod install;
 pub mod log;
 pub mod state;
