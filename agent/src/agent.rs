@@ -1,8 +1,8 @@
-//! The agent itself. A [`Worker`] is one task that owns one release slot's persisted state,
+//! The agent itself. A `Worker` is one task that owns one release slot's persisted state,
 //! takes that slot's messages, drives its downloads, installs, probation and reverts, and
 //! queues reports. A single-product agent is one worker fed straight from the MQTT session; a
 //! multi-product agent (`[products]`) runs one worker per product, fed by the router in
-//! [`crate::hub`], which also owns what they share: the trust root, the device's trusted
+//! `crate::hub`, which also owns what they share: the trust root, the device's trusted
 //! time, event ids and the one merged state report.
 //!
 //! Every change follows the same order: decide (pure, [`crate::state::transition`]), persist
@@ -151,9 +151,9 @@ pub(crate) enum Mode {
     Once,
 }
 
-/// The device agent: one [`Worker`] owning the device's one release slot (no `[products]`),
+/// The device agent: one `Worker` owning the device's one release slot (no `[products]`),
 /// or one worker per configured product, all over one MQTT session, one trust root, one
-/// outbox and one merged state report ([`Hub`]).
+/// outbox and one merged state report (`Hub`).
 pub struct Agent {
     cfg: AgentConfig,
     deps: Deps,
@@ -550,7 +550,7 @@ impl Inbox {
     async fn recv(&mut self) -> Option<Inbound> {
         match self {
             Inbox::Channel(rx) => rx.recv().await,
-            Inbox::Mailbox(m) => m.recv().await,
+            Inbox::Mailbox(m) => Some(m.recv().await),
         }
     }
 }

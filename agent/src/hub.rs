@@ -250,7 +250,6 @@ pub(crate) struct Mailbox {
 #[derive(Debug, Default)]
 struct MailboxQueue {
     items: VecDeque<Inbound>,
-    closed: bool,
 }
 
 impl Mailbox {
@@ -271,24 +270,13 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
-    /// No more messages: the worker's `recv` returns `None` once the queue is empty.
-    pub(crate) fn close(&self) {
-        self.lock().closed = true;
-        self.notify.notify_one();
-    }
-
-    /// The next message, or `None` once closed and drained. Cancel-safe: a message is taken
-    /// only in the poll that returns it.
-    pub(crate) async fn recv(&self) -> Option<Inbound> {
+    /// The next message. Cancel-safe: a message is taken only in the poll that returns it.
+    /// It never ends: the router stops its workers through their shutdown signal, so a
+    /// worker never mistakes a stop for a lost session.
+    pub(crate) async fn recv(&self) -> Inbound {
         loop {
-            {
-                let mut g = self.lock();
-                if let Some(m) = g.items.pop_front() {
-                    return Some(m);
-                }
-                if g.closed {
-                    return None;
-                }
+            if let Some(m) = self.lock().items.pop_front() {
+                return m;
             }
             // One consumer: `notify_one` keeps a permit when nobody waits, so a push between
             // the check above and this await is not missed.
@@ -383,9 +371,6 @@ pub(crate) async fn run_products(
         }
     };
     let _ = stop_tx.send(true);
-    for mb in boxes.values() {
-        mb.close();
-    }
     let mut result = result;
     while let Some(done) = tasks.join_next().await {
         let err = match done {
@@ -412,14 +397,13 @@ mod tests {
         }
     }
 
-    fn body(m: Option<Inbound>) -> String {
+    fn body(m: Inbound) -> String {
         match m {
-            Some(Inbound::Message { topic, payload }) => {
+            Inbound::Message { topic, payload } => {
                 format!("{topic}={}", String::from_utf8_lossy(&payload))
             }
-            Some(Inbound::Subscribed) => "subscribed".into(),
-            Some(Inbound::Connected) => "connected".into(),
-            None => "none".into(),
+            Inbound::Subscribed => "subscribed".into(),
+            Inbound::Connected => "connected".into(),
         }
     }
 
@@ -436,9 +420,8 @@ mod tests {
         assert_eq!(body(mb.recv().await), "ring=r2");
         assert_eq!(body(mb.recv().await), "subscribed");
         mb.push(msg("ring", "r3"));
-        mb.close();
-        assert_eq!(body(mb.recv().await), "ring=r3", "drained before it ends");
-        assert_eq!(body(mb.recv().await), "none");
+        assert_eq!(body(mb.recv().await), "ring=r3");
+        assert_eq!(mb.len(), 0);
     }
 
     #[tokio::test]
