@@ -92,7 +92,8 @@ pub struct Deps {
     pub store: Arc<dyn Store>,
     /// Time.
     pub clock: Arc<dyn Clock>,
-    /// Activation and revert.
+    /// Activation and revert (of a single-product agent; each product of a multi-product
+    /// agent has its own, see [`Agent::with_product_installers`]).
     pub installer: Arc<dyn Installer>,
 }
 
