@@ -1,9 +1,13 @@
-//! The agent itself: one task that owns the persisted state, takes messages from the MQTT
-//! session, drives downloads, installs, probation and reverts, and queues reports.
+//! The agent itself. A `Worker` is one task that owns one release slot's persisted state,
+//! takes that slot's messages, drives its downloads, installs, probation and reverts, and
+//! queues reports. A single-product agent is one worker fed straight from the MQTT session; a
+//! multi-product agent (`[products]`) runs one worker per product, fed by the router in
+//! `crate::hub`, which also owns what they share: the trust root, the device's trusted
+//! time, event ids and the one merged state report.
 //!
 //! Every change follows the same order: decide (pure, [`crate::state::transition`]), persist
 //! (store, flushed), then act (files, commands, reports). A restart resumes from what was
-//! persisted (see [`Agent::resume`]).
+//! persisted (see `Worker::resume`).
 
 use crate::cmd::{self, Subst};
 use crate::config::{AgentConfig, DeferConfig};
@@ -11,6 +15,7 @@ use crate::defer::{self, Answer, Due};
 use crate::download::{self, Complete, Fetch};
 use crate::error::{Error, Result};
 use crate::health;
+use crate::hub::{Hub, Mailbox};
 use crate::install::{FsInstaller, Installer};
 use crate::state::{
     is_busy, plan, release_ref, transition, Ask, CancelReason, Job, Kept, Origin, Persisted, Plan,
@@ -21,14 +26,16 @@ use crate::transport::{self, Inbound, TAG_EVENT, TAG_STATE};
 use jiff::{SignedDuration, Timestamp};
 use ringcast_io::fs as fsutil;
 use ringcast_proto::digest::sha256_hex as digest_hex;
-use ringcast_proto::report::ErrorInfo;
+use ringcast_proto::release::InstallKind;
+use ringcast_proto::report::{ErrorInfo, ProductState};
 use ringcast_proto::{
     check_release, in_ramp, verify_directive, Accepted, Action, AgentView, Clock, DeviceIdentity,
-    Envelope, Event, EventKind, Phase, ReleaseRef, Rotation, Schedule, Source, StateReport,
-    SystemClock, Topic, Topics, TrustRoot,
+    Envelope, Event, EventKind, Phase, Reason, Rejection, ReleaseRef, Rotation, Schedule, Source,
+    StateReport, SystemClock, Topic, Topics, TrustRoot, Window,
 };
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
@@ -85,7 +92,8 @@ pub struct Deps {
     pub store: Arc<dyn Store>,
     /// Time.
     pub clock: Arc<dyn Clock>,
-    /// Activation and revert.
+    /// Activation and revert (of a single-product agent; each product of a multi-product
+    /// agent has its own, see [`Agent::with_product_installers`]).
     pub installer: Arc<dyn Installer>,
 }
 
@@ -137,98 +145,143 @@ impl AgentHandle {
 
 /// How `run` ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub(crate) enum Mode {
     /// Until shutdown.
     Daemon,
     /// Until retained messages are processed and nothing is under way.
     Once,
 }
 
-/// The device agent.
+/// The device agent: one `Worker` owning the device's one release slot (no `[products]`),
+/// or one worker per configured product, all over one MQTT session, one trust root, one
+/// outbox and one merged state report (`Hub`).
 pub struct Agent {
     cfg: AgentConfig,
     deps: Deps,
-    topics: Topics,
-    trust: TrustRoot,
-    st: Persisted,
-    status_tx: watch::Sender<StateReport>,
     poke: Arc<Notify>,
-    http: crate::http::Client,
-    event_n: u64,
-    /// Set by handlers: start a download attempt now.
-    want_download: bool,
-    /// Set by handlers: abort the running download.
-    cancel_download: bool,
-    /// Set when a job ended (commit or revert): look at the kept directives again. Done from
-    /// the main loop, outside the ended job's spans, so a new job's lines do not carry the
-    /// old rollout's fields.
-    reevaluate: bool,
-    progress: Option<watch::Receiver<u64>>,
-    progress_mark: u64,
+    body: Body,
+}
+
+/// What runs inside an [`Agent`].
+enum Body {
+    /// A single-product agent: exactly the agent from before products.
+    Single(Box<Worker>),
+    /// A multi-product agent: its workers, by product name, and what they share.
+    Multi {
+        hub: Arc<Hub>,
+        workers: Vec<(String, Worker)>,
+    },
 }
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent")
-            .field("device", &self.cfg.device_id)
-            .field("phase", &self.st.phase)
-            .finish()
+        let mut d = f.debug_struct("Agent");
+        d.field("device", &self.cfg.device_id);
+        match &self.body {
+            Body::Single(w) => d.field("phase", &w.st.phase),
+            Body::Multi { workers, .. } => d.field(
+                "phases",
+                &workers
+                    .iter()
+                    .map(|(n, w)| (n.as_str(), w.st.phase))
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        d.finish()
     }
 }
 
+/// Store key of a single-product agent's state.
 const KEY_STATE: &str = "state";
+/// Store key of the trust root (shared by every product).
 const KEY_TRUST: &str = "trust";
+
+/// Store key of product `name`'s state.
+pub fn product_state_key(name: &str) -> String {
+    format!("product/{name}/state")
+}
 
 impl Agent {
     /// Build an agent: load the persisted state (or start fresh) and the trust root (the
-    /// persisted one, else the configured initial root file).
+    /// persisted one, else the configured initial root file). With `[products]`, each product
+    /// gets a [`FsInstaller`] at its install root; `deps.installer` serves the single-product
+    /// agent only.
     pub fn new(cfg: AgentConfig, deps: Deps) -> Result<Agent> {
+        Agent::with_product_installers(cfg, deps, BTreeMap::new())
+    }
+
+    /// [`Agent::new`], with the installer of some products given (tests, simulators); the
+    /// others get a [`FsInstaller`] at their install root.
+    pub fn with_product_installers(
+        cfg: AgentConfig,
+        deps: Deps,
+        mut installers: BTreeMap<String, Arc<dyn Installer>>,
+    ) -> Result<Agent> {
         transport::install_crypto_provider();
         let topics = cfg.topics().map_err(|e| Error::Config {
             path: PathBuf::from("agent config"),
             detail: format!("field topic_prefix: {}", e.detail),
         })?;
         fsutil::ensure_dir(&cfg.data_dir)?;
-        let trust = match deps.store.get(KEY_TRUST)? {
-            Some(bytes) => TrustRoot::from_bytes_self_signed(&bytes).map_err(Error::Trust)?,
-            None => {
-                let bytes = std::fs::read(&cfg.trust_root)
-                    .map_err(|e| Error::io("read trust root", &cfg.trust_root, e))?;
-                let t = TrustRoot::from_bytes_self_signed(&bytes).map_err(Error::Trust)?;
-                deps.store.put(KEY_TRUST, &bytes)?;
-                t
-            }
-        };
-        let mut st = match deps.store.get(KEY_STATE)? {
-            Some(bytes) => serde_json::from_slice::<Persisted>(&bytes)
-                .map_err(|e| Error::Store(format!("persisted state unreadable: {e}")))?,
-            None => Persisted::new(deps.clock.now()),
-        };
-        st.boot += 1;
+        let trust = load_trust(&cfg, &*deps.store)?;
+        let poke = Arc::new(Notify::new());
+        let outbox = Arc::new(Outbox::new(
+            deps.store.clone(),
+            poke.clone(),
+            cfg.reports.queue_max,
+        ));
         let http = download::client(
             cfg.download.connect_timeout.get(),
             cfg.download.ca_file.as_deref(),
         )?;
-        let report = build_report(&cfg, &st, deps.clock.now());
-        let (status_tx, _) = watch::channel(report);
-        let agent = Agent {
+        let shared = Shared {
+            cfg: cfg.clone(),
+            topics,
+            outbox,
+            http,
+        };
+        let body = if !cfg.is_multi_product() {
+            let (status_tx, _) = watch::channel(placeholder_report(&cfg));
+            let w = Worker::open(
+                &shared,
+                deps.clone(),
+                Slot::sole(&cfg),
+                Scope::Sole {
+                    trust: Box::new(trust),
+                    status_tx,
+                    event_n: 0,
+                },
+            )?;
+            Body::Single(Box::new(w))
+        } else {
+            let hub = Arc::new(Hub::open(&cfg, &deps, trust, shared.outbox.clone())?);
+            let mut workers = Vec::new();
+            for name in cfg.products.keys() {
+                let installer = installers.remove(name).unwrap_or_else(|| {
+                    Arc::new(FsInstaller::new(
+                        cfg.product_install_root(name),
+                        cfg.install.command_timeout.get(),
+                        cfg.health.output_tail,
+                    ))
+                });
+                let pdeps = Deps {
+                    installer,
+                    ..deps.clone()
+                };
+                let slot = Slot::product(&cfg, name);
+                let w = Worker::open(&shared, pdeps, slot, Scope::Product { hub: hub.clone() })?;
+                hub.set_entry(name, w.product_state());
+                workers.push((name.clone(), w));
+            }
+            hub.refresh_status();
+            Body::Multi { hub, workers }
+        };
+        Ok(Agent {
             cfg,
             deps,
-            topics,
-            trust,
-            st,
-            status_tx,
-            poke: Arc::new(Notify::new()),
-            http,
-            event_n: 0,
-            want_download: false,
-            cancel_download: false,
-            reevaluate: false,
-            progress: None,
-            progress_mark: 0,
-        };
-        agent.save()?;
-        Ok(agent)
+            poke,
+            body,
+        })
     }
 
     /// Open an agent with the real dependencies ([`Deps::real`]).
@@ -239,12 +292,18 @@ impl Agent {
 
     /// A receiver of the agent's state reports (in-process status).
     pub fn watch(&self) -> watch::Receiver<StateReport> {
-        self.status_tx.subscribe()
+        match &self.body {
+            Body::Single(w) => w.watch(),
+            Body::Multi { hub, .. } => hub.watch(),
+        }
     }
 
     /// The current state report.
     pub fn report(&self) -> StateReport {
-        build_report(&self.cfg, &self.st, self.deps.clock.now())
+        match &self.body {
+            Body::Single(w) => w.report(),
+            Body::Multi { hub, .. } => hub.report(),
+        }
     }
 
     /// Run on the current tokio runtime until `shutdown` is set to `true`.
@@ -255,7 +314,7 @@ impl Agent {
     }
 
     /// Process what is retained on the subscribed topics, finish any work that can finish now
-    /// (download, install, probation), flush the reports, and return.
+    /// (download, install, probation; of every product), flush the reports, and return.
     pub async fn run_once(self) -> Result<()> {
         let span =
             tracing::info_span!("agent", device = %self.cfg.device_id, ring = %self.cfg.ring);
@@ -275,18 +334,320 @@ impl Agent {
         }
     }
 
-    async fn run_mode(mut self, mode: Mode, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-        let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(64);
+    async fn run_mode(self, mode: Mode, shutdown: watch::Receiver<bool>) -> Result<()> {
+        let Agent {
+            cfg,
+            deps,
+            poke,
+            body,
+        } = self;
+        let (in_tx, in_rx) = mpsc::channel::<Inbound>(64);
         let (conn_tx, conn_rx) = watch::channel(false);
         let (stop_tx, stop_rx) = watch::channel(false);
         let transport = tokio::spawn(transport::run(
-            self.cfg.clone(),
-            self.deps.store.clone(),
+            cfg.clone(),
+            deps.store.clone(),
             in_tx,
-            self.poke.clone(),
+            poke.clone(),
             conn_tx,
             stop_rx,
         ));
+        let result = match body {
+            Body::Single(w) => w.run_loop(mode, Inbox::Channel(in_rx), shutdown).await,
+            Body::Multi { hub, workers } => {
+                crate::hub::run_products(&cfg, hub, workers, mode, in_rx, shutdown).await
+            }
+        };
+        if mode == Mode::Once && *conn_rx.borrow() {
+            // Give the session a moment to deliver what is queued.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while deps.store.outbox_len().unwrap_or(0) > 0 && tokio::time::Instant::now() < deadline
+            {
+                poke.notify_one();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(Duration::from_secs(5), transport).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "mqtt session ended with an error"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("mqtt session did not stop within 5s"),
+        }
+        result
+    }
+}
+
+/// The trust root: the persisted one, else the configured initial root file (then persisted).
+fn load_trust(cfg: &AgentConfig, store: &dyn Store) -> Result<TrustRoot> {
+    Ok(match store.get(KEY_TRUST)? {
+        Some(bytes) => TrustRoot::from_bytes_self_signed(&bytes).map_err(Error::Trust)?,
+        None => {
+            let bytes = std::fs::read(&cfg.trust_root)
+                .map_err(|e| Error::io("read trust root", &cfg.trust_root, e))?;
+            let t = TrustRoot::from_bytes_self_signed(&bytes).map_err(Error::Trust)?;
+            store.put(KEY_TRUST, &bytes)?;
+            t
+        }
+    })
+}
+
+/// Apply a trust root envelope from the trust topic to `trust` (persisted before it is used:
+/// a restart must never fall back to the older root); the event to report, if any.
+pub(crate) fn apply_trust(
+    trust: &mut TrustRoot,
+    store: &dyn Store,
+    payload: &[u8],
+    now: Timestamp,
+    skew: SignedDuration,
+) -> Result<Option<EventKind>> {
+    let res = Envelope::from_slice(payload).and_then(|env| trust.rotate(&env, now, skew));
+    match res {
+        Ok(Rotation::Unchanged) => Ok(None),
+        Ok(Rotation::Accepted(next)) => {
+            store.put(KEY_TRUST, payload)?;
+            let version = next.version();
+            *trust = *next;
+            tracing::info!(version, "trust root rotated");
+            Ok(Some(EventKind::TrustRotated { version }))
+        }
+        Err(rej) => {
+            tracing::warn!(reason = rej.reason.code(), detail = %rej.detail, "trust root rejected");
+            Ok(Some(EventKind::Rejected {
+                reason: rej.reason,
+                detail: format!("trust: {}", rej.detail),
+            }))
+        }
+    }
+}
+
+/// The durable, bounded, ordered queue of reports every worker of an agent writes to and the
+/// MQTT session drains.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    store: Arc<dyn Store>,
+    poke: Arc<Notify>,
+    max: usize,
+    /// Making room and pushing happen together, so two products queueing at once never evict
+    /// more than needed.
+    lock: Mutex<()>,
+}
+
+impl Outbox {
+    pub(crate) fn new(store: Arc<dyn Store>, poke: Arc<Notify>, max: usize) -> Outbox {
+        Outbox {
+            store,
+            poke,
+            max,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Queue one message and wake the session.
+    pub(crate) fn queue(&self, tag: u8, body: &[u8]) {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let max = self.max;
+        if let Ok(n) = self.store.outbox_len() {
+            if n >= max {
+                // Bounded: make room by dropping what carries the least, superseded state
+                // reports and download progress first (see `eviction_order`).
+                if let Ok(all) = self.store.outbox_peek(n) {
+                    for seq in eviction_order(&all).into_iter().take(n + 1 - max) {
+                        let _ = self.store.outbox_remove(seq);
+                    }
+                }
+                tracing::warn!(
+                    queue_max = max,
+                    "report queue full; dropped the least useful"
+                );
+            }
+        }
+        let mut msg = Vec::with_capacity(body.len() + 1);
+        msg.push(tag);
+        msg.extend_from_slice(body);
+        if let Err(e) = self.store.outbox_push(&msg) {
+            tracing::error!(error = %e, "cannot queue report");
+        }
+        self.poke.notify_one();
+    }
+}
+
+/// What every worker of one agent shares, at construction.
+struct Shared {
+    cfg: AgentConfig,
+    topics: Topics,
+    outbox: Arc<Outbox>,
+    http: crate::http::Client,
+}
+
+/// Where one worker's release slot lives and what applies to it: the single-product agent's
+/// (today's keys, paths, topics, windows and hook) or one product's.
+#[derive(Debug, Clone)]
+struct Slot {
+    /// The product; `None` for a single-product agent.
+    product: Option<String>,
+    /// Store key of its [`Persisted`].
+    key: String,
+    /// Its downloads (partial and staged artifacts).
+    artifacts: PathBuf,
+    /// Its install root.
+    install_root: PathBuf,
+    /// Its own delivery windows besides the device's (empty: none of its own).
+    windows: Vec<Window>,
+    /// The defer hook that applies to it.
+    defer: Option<DeferConfig>,
+    /// The install kinds it takes (`None`: any).
+    kinds: Option<Vec<InstallKind>>,
+}
+
+impl Slot {
+    fn sole(cfg: &AgentConfig) -> Slot {
+        Slot {
+            product: None,
+            key: KEY_STATE.to_owned(),
+            artifacts: cfg.data_dir.join("artifacts"),
+            install_root: cfg.install_root(),
+            windows: Vec::new(),
+            defer: cfg.defer.clone(),
+            kinds: None,
+        }
+    }
+
+    fn product(cfg: &AgentConfig, name: &str) -> Slot {
+        let p = cfg.products.get(name).cloned().unwrap_or_default();
+        Slot {
+            product: Some(name.to_owned()),
+            key: product_state_key(name),
+            artifacts: cfg.product_artifacts_dir(name),
+            install_root: cfg.product_install_root(name),
+            windows: p.windows,
+            defer: p.defer.or_else(|| cfg.defer.clone()),
+            kinds: p.kinds,
+        }
+    }
+}
+
+/// How a worker reports and whose trust root it verifies with.
+enum Scope {
+    /// The single-product agent: its own trust root, report sequence, event ids and status.
+    Sole {
+        trust: Box<TrustRoot>,
+        status_tx: watch::Sender<StateReport>,
+        event_n: u64,
+    },
+    /// One product of several: trust root, trusted time, event ids, report sequence and the
+    /// merged report live in the hub.
+    Product { hub: Arc<Hub> },
+}
+
+/// Where a worker's inbound messages come from.
+pub(crate) enum Inbox {
+    /// Straight from the MQTT session (single-product agent).
+    Channel(mpsc::Receiver<Inbound>),
+    /// From the router of a multi-product agent.
+    Mailbox(Arc<Mailbox>),
+}
+
+impl Inbox {
+    async fn recv(&mut self) -> Option<Inbound> {
+        match self {
+            Inbox::Channel(rx) => rx.recv().await,
+            Inbox::Mailbox(m) => Some(m.recv().await),
+        }
+    }
+}
+
+/// The result of verifying a directive ([`Worker::verify_directive`]).
+enum Verdict {
+    /// Not for this device, or not authentic: an event, nothing else.
+    Rejected(ringcast_proto::Rejection),
+    /// Signed for this device, but its release cannot be taken here: a reported refusal.
+    Refused(Box<ringcast_proto::Verified>, ringcast_proto::Rejection),
+    /// Taken.
+    Accepted(Box<Accepted>),
+}
+
+/// One release slot's actor: the persisted state of one product (or of the single-product
+/// agent), taking that slot's directives, driving its downloads, installs, probation and
+/// reverts.
+pub(crate) struct Worker {
+    cfg: AgentConfig,
+    deps: Deps,
+    topics: Topics,
+    slot: Slot,
+    scope: Scope,
+    st: Persisted,
+    outbox: Arc<Outbox>,
+    http: crate::http::Client,
+    /// Set by handlers: start a download attempt now.
+    want_download: bool,
+    /// Set by handlers: abort the running download.
+    cancel_download: bool,
+    /// Set when a job ended (commit or revert): look at the kept directives again. Done from
+    /// the main loop, outside the ended job's spans, so a new job's lines do not carry the
+    /// old rollout's fields.
+    reevaluate: bool,
+    progress: Option<watch::Receiver<u64>>,
+    progress_mark: u64,
+}
+
+impl Worker {
+    /// Load the slot's persisted state (or start fresh) and persist it with a new boot.
+    fn open(shared: &Shared, deps: Deps, slot: Slot, scope: Scope) -> Result<Worker> {
+        let mut st = match deps.store.get(&slot.key)? {
+            Some(bytes) => serde_json::from_slice::<Persisted>(&bytes).map_err(|e| {
+                Error::Store(format!("persisted state {} unreadable: {e}", slot.key))
+            })?,
+            None => Persisted::new(deps.clock.now()),
+        };
+        st.boot += 1;
+        let w = Worker {
+            cfg: shared.cfg.clone(),
+            deps,
+            topics: shared.topics.clone(),
+            slot,
+            scope,
+            st,
+            outbox: shared.outbox.clone(),
+            http: shared.http.clone(),
+            want_download: false,
+            cancel_download: false,
+            reevaluate: false,
+            progress: None,
+            progress_mark: 0,
+        };
+        if let Scope::Sole { status_tx, .. } = &w.scope {
+            status_tx.send_replace(w.report());
+        }
+        w.save()?;
+        Ok(w)
+    }
+
+    /// A receiver of a single-product agent's state reports.
+    fn watch(&self) -> watch::Receiver<StateReport> {
+        match &self.scope {
+            Scope::Sole { status_tx, .. } => status_tx.subscribe(),
+            Scope::Product { hub } => hub.watch(),
+        }
+    }
+
+    /// The single-product report of this slot.
+    fn report(&self) -> StateReport {
+        build_report(&self.cfg, &self.st, self.deps.clock.now())
+    }
+
+    /// This slot's entry in a multi-product report.
+    pub(crate) fn product_state(&self) -> ProductState {
+        product_state(&self.st, &self.slot.windows)
+    }
+
+    /// The worker's loop: take messages from `inbox`, drive the clock-driven work, until
+    /// shutdown (or, in [`Mode::Once`], until this slot has settled).
+    pub(crate) async fn run_loop(
+        mut self,
+        mode: Mode,
+        mut inbox: Inbox,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
         self.resume().await?;
         let mut download: Option<JoinHandle<Result<Complete>>> = None;
         let mut tick = tokio::time::interval(TICK);
@@ -326,7 +687,7 @@ impl Agent {
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() { break Ok(()); }
                 }
-                msg = in_rx.recv() => match msg {
+                msg = inbox.recv() => match msg {
                     Some(Inbound::Message { topic, payload }) => {
                         last_inbound = tokio::time::Instant::now();
                         self.on_message(&topic, &payload).await?;
@@ -370,22 +731,6 @@ impl Agent {
         if let Some(h) = download.take() {
             h.abort();
         }
-        if mode == Mode::Once && *conn_rx.borrow() {
-            // Give the session a moment to deliver what is queued.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while self.deps.store.outbox_len().unwrap_or(0) > 0
-                && tokio::time::Instant::now() < deadline
-            {
-                self.poke.notify_one();
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        let _ = stop_tx.send(true);
-        match tokio::time::timeout(Duration::from_secs(5), transport).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "mqtt session ended with an error"),
-            Ok(_) => {}
-            Err(_) => tracing::warn!("mqtt session did not stop within 5s"),
-        }
         result
     }
 
@@ -394,7 +739,7 @@ impl Agent {
     fn save(&self) -> Result<()> {
         let bytes = serde_json::to_vec(&self.st)
             .map_err(|e| Error::Store(format!("serialise state: {e}")))?;
-        self.deps.store.put(KEY_STATE, &bytes)
+        self.deps.store.put(&self.slot.key, &bytes)
     }
 
     fn now(&self) -> Timestamp {
@@ -402,40 +747,42 @@ impl Agent {
     }
 
     /// `max(local clock, newest verified issued_at)`: what expiry and activation are judged by.
+    /// A product also takes the device's, the newest any of its products verified.
     fn trusted_now(&self) -> Timestamp {
-        self.now().max(self.st.trusted_now)
+        let own = self.now().max(self.st.trusted_now);
+        match &self.scope {
+            Scope::Sole { .. } => own,
+            Scope::Product { hub } => own.max(hub.trusted_now()),
+        }
     }
 
-    fn queue(&self, tag: u8, body: Vec<u8>) {
-        let max = self.cfg.reports.queue_max;
-        if let Ok(n) = self.deps.store.outbox_len() {
-            if n >= max {
-                // Bounded: make room by dropping what carries the least, superseded state
-                // reports and download progress first (see `eviction_order`).
-                if let Ok(all) = self.deps.store.outbox_peek(n) {
-                    for seq in eviction_order(&all).into_iter().take(n + 1 - max) {
-                        let _ = self.deps.store.outbox_remove(seq);
-                    }
-                }
-                tracing::warn!(
-                    queue_max = max,
-                    "report queue full; dropped the least useful"
-                );
-            }
+    /// A verified time moves this slot's trusted time (and the device's) forward.
+    fn raise_trusted_now(&mut self, t: Timestamp) -> Result<()> {
+        self.st.trusted_now = self.st.trusted_now.max(t);
+        match &self.scope {
+            Scope::Sole { .. } => Ok(()),
+            Scope::Product { hub } => hub.raise_trusted_now(t),
         }
-        let mut msg = Vec::with_capacity(body.len() + 1);
-        msg.push(tag);
-        msg.extend_from_slice(&body);
-        if let Err(e) = self.deps.store.outbox_push(&msg) {
-            tracing::error!(error = %e, "cannot queue report");
+    }
+
+    /// Run `f` with the trust root directives are verified against.
+    fn with_trust<R>(&self, f: impl FnOnce(&TrustRoot) -> R) -> R {
+        match &self.scope {
+            Scope::Sole { trust, .. } => f(trust),
+            Scope::Product { hub } => hub.with_trust(f),
         }
-        self.poke.notify_one();
     }
 
     fn event(&mut self, rollout_id: Option<String>, release: Option<ReleaseRef>, kind: EventKind) {
-        self.event_n += 1;
+        let id = match &mut self.scope {
+            Scope::Sole { event_n, .. } => {
+                *event_n += 1;
+                format!("{}-{}-{}", self.cfg.device_id, self.st.boot, event_n)
+            }
+            Scope::Product { hub } => hub.next_event_id(),
+        };
         let e = Event {
-            id: format!("{}-{}-{}", self.cfg.device_id, self.st.boot, self.event_n),
+            id,
             device: self.cfg.device_id.clone(),
             at: self.trusted_now(),
             rollout_id,
@@ -443,7 +790,7 @@ impl Agent {
             kind,
         };
         tracing::info!(event = e.kind.name(), id = %e.id, rollout_id = e.rollout_id.as_deref(), "event");
-        self.queue(TAG_EVENT, e.to_bytes());
+        self.outbox.queue(TAG_EVENT, &e.to_bytes());
     }
 
     fn job_event(&mut self, kind: EventKind) {
@@ -457,30 +804,36 @@ impl Agent {
     /// Give the next state report its sequence: above every earlier one, and at least the
     /// trusted time in milliseconds, so a device whose store was wiped still counts upwards
     /// (DESIGN.md "State report": the controller never takes an older `seq` for news).
-    /// Persisted with the next [`Agent::save`].
+    /// Persisted with the next [`Worker::save`]. Single-product agents only: the hub numbers
+    /// a multi-product agent's reports.
     fn next_report_seq(&mut self) {
         let floor = u64::try_from(self.trusted_now().as_millisecond()).unwrap_or(0);
         self.st.report_seq = self.st.report_seq.saturating_add(1).max(floor);
     }
 
-    /// Persist the state with a new report sequence, then queue its report: for reports
-    /// that do not come with a phase change (those go through [`Agent::step`]).
+    /// Persist the state (with a new report sequence), then queue its report. A product's
+    /// entry goes to the hub, which persists the device's sequence and queues the merged
+    /// report.
     fn publish_state(&mut self) -> Result<()> {
+        if let Scope::Product { hub } = &self.scope {
+            self.save()?;
+            return hub.publish(
+                self.slot.product.as_deref().unwrap_or_default(),
+                self.product_state(),
+            );
+        }
         self.next_report_seq();
         self.save()?;
-        self.emit_state();
-        Ok(())
-    }
-
-    /// Queue the report of the persisted state (its sequence already assigned and saved).
-    fn emit_state(&self) {
         let report = build_report(&self.cfg, &self.st, self.trusted_now());
         let bytes = report.to_bytes();
         if let Err(e) = fsutil::write_atomic(&self.cfg.data_dir.join("status.json"), &bytes) {
             tracing::warn!(error = %e, "cannot write status.json");
         }
-        self.status_tx.send_replace(report);
-        self.queue(TAG_STATE, bytes);
+        if let Scope::Sole { status_tx, .. } = &self.scope {
+            status_tx.send_replace(report);
+        }
+        self.outbox.queue(TAG_STATE, &bytes);
+        Ok(())
     }
 
     /// Apply a step to the phase, persist, and publish the state report.
@@ -493,10 +846,7 @@ impl Agent {
             "phase"
         );
         self.st.phase = next;
-        self.next_report_seq();
-        self.save()?;
-        self.emit_state();
-        Ok(())
+        self.publish_state()
     }
 
     // ----- start-up -------------------------------------------------------------------------
@@ -619,50 +969,107 @@ impl Agent {
             tracing::debug!(%topic, "retained message cleared");
             return Ok(());
         }
-        match self.topics.parse(topic) {
-            Ok(Topic::Trust) => self.on_trust(payload),
-            Ok(Topic::RingDirective(r)) if r == self.cfg.ring => {
-                self.on_directive(Source::Ring, payload).await
+        let mine = |p: &str| self.slot.product.as_deref() == Some(p);
+        let source = match self.topics.parse(topic) {
+            Ok(Topic::Trust) if self.slot.product.is_none() => return self.on_trust(payload),
+            Ok(Topic::RingDirective(r)) if r == self.cfg.ring && self.slot.product.is_none() => {
+                Some(Source::Ring)
             }
-            Ok(Topic::DeviceDirective(d)) if d == self.cfg.device_id => {
-                self.on_directive(Source::Device, payload).await
+            Ok(Topic::DeviceDirective(d))
+                if d == self.cfg.device_id && self.slot.product.is_none() =>
+            {
+                Some(Source::Device)
             }
-            _ => {
+            Ok(Topic::RingProductDirective { ring, product })
+                if ring == self.cfg.ring && mine(&product) =>
+            {
+                Some(Source::Ring)
+            }
+            Ok(Topic::DeviceProductDirective { device, product })
+                if device == self.cfg.device_id && mine(&product) =>
+            {
+                Some(Source::Device)
+            }
+            _ => None,
+        };
+        match source {
+            Some(source) => self.on_directive(source, payload).await,
+            None => {
                 tracing::debug!(%topic, "message on a topic this agent does not act on");
                 Ok(())
             }
         }
     }
 
+    /// A trust root on the trust topic (single-product agent; the hub takes it for several).
     fn on_trust(&mut self, payload: &[u8]) -> Result<()> {
-        let res = Envelope::from_slice(payload).and_then(|env| {
-            self.trust
-                .rotate(&env, self.trusted_now(), self.cfg.clock_skew.signed())
-        });
-        match res {
-            Ok(Rotation::Unchanged) => Ok(()),
-            Ok(Rotation::Accepted(next)) => {
-                // Persist first: a restart must never fall back to the older root.
-                self.deps.store.put(KEY_TRUST, payload)?;
-                let version = next.version();
-                self.trust = *next;
-                tracing::info!(version, "trust root rotated");
-                self.event(None, None, EventKind::TrustRotated { version });
-                Ok(())
-            }
-            Err(rej) => {
-                tracing::warn!(reason = rej.reason.code(), detail = %rej.detail, "trust root rejected");
-                self.event(
-                    None,
-                    None,
-                    EventKind::Rejected {
-                        reason: rej.reason,
-                        detail: format!("trust: {}", rej.detail),
-                    },
-                );
-                Ok(())
-            }
+        let now = self.trusted_now();
+        let skew = self.cfg.clock_skew.signed();
+        let Scope::Sole { trust, .. } = &mut self.scope else {
+            return Ok(());
+        };
+        if let Some(kind) = apply_trust(trust, &*self.deps.store, payload, now, skew)? {
+            self.event(None, None, kind);
         }
+        Ok(())
+    }
+
+    /// Verify a directive for this slot: signatures, target (the product too), sequence,
+    /// expiry, then its release (the rollback floor, compatibility, the product's kinds).
+    fn verify_directive(&self, source: Source, payload: &[u8]) -> Verdict {
+        let me = DeviceIdentity {
+            id: &self.cfg.device_id,
+            fleet: &self.cfg.fleet,
+            ring: &self.cfg.ring,
+            class: &self.cfg.device_class,
+            product: self.slot.product.as_deref(),
+        };
+        let trusted_now = self.trusted_now();
+        self.with_trust(|trust| {
+            let view = AgentView {
+                trust,
+                last_sequence: match source {
+                    Source::Ring => self.st.last_seq_ring,
+                    Source::Device => self.st.last_seq_device,
+                },
+                rollback_floor: self.st.rollback_floor,
+                trusted_now,
+                skew: self.cfg.clock_skew.signed(),
+            };
+            let verified = match verify_directive(&me, &view, source, payload) {
+                Ok(v) => v,
+                Err(rej) => return Verdict::Rejected(rej),
+            };
+            let release = match check_release(&me, &view, &verified) {
+                Ok(release) => release,
+                Err(rej) => return Verdict::Refused(Box::new(verified), rej),
+            };
+            if let (Some(r), Some(kinds)) = (&release, &self.slot.kinds) {
+                if !kinds.contains(&r.install.kind) {
+                    let rej = Rejection::new(
+                        Reason::Incompatible,
+                        format!(
+                            "release {} {} installs as {}; product {} takes {}",
+                            r.name,
+                            r.version,
+                            kind_name(r.install.kind),
+                            self.slot.product.as_deref().unwrap_or_default(),
+                            kinds
+                                .iter()
+                                .map(|k| kind_name(*k))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                    return Verdict::Refused(Box::new(verified), rej);
+                }
+            }
+            Verdict::Accepted(Box::new(Accepted {
+                directive: verified.directive,
+                release,
+                trusted_now: verified.trusted_now,
+            }))
+        })
     }
 
     async fn on_directive(&mut self, source: Source, payload: &[u8]) -> Result<()> {
@@ -676,26 +1083,10 @@ impl Agent {
             tracing::debug!(?source, "directive already accepted");
             return Ok(());
         }
-        let me = DeviceIdentity {
-            id: &self.cfg.device_id,
-            fleet: &self.cfg.fleet,
-            ring: &self.cfg.ring,
-            class: &self.cfg.device_class,
-            product: None,
-        };
-        let view = AgentView {
-            trust: &self.trust,
-            last_sequence: match source {
-                Source::Ring => self.st.last_seq_ring,
-                Source::Device => self.st.last_seq_device,
-            },
-            rollback_floor: self.st.rollback_floor,
-            trusted_now: self.trusted_now(),
-            skew: self.cfg.clock_skew.signed(),
-        };
-        let verified = match verify_directive(&me, &view, source, payload) {
-            Ok(v) => v,
-            Err(rej) => {
+        let acc = match self.verify_directive(source, payload) {
+            Verdict::Accepted(acc) => *acc,
+            Verdict::Refused(verified, rej) => return self.refuse(source, *verified, rej),
+            Verdict::Rejected(rej) => {
                 tracing::warn!(?source, reason = rej.reason.code(), detail = %rej.detail, "directive rejected");
                 self.event(
                     None,
@@ -708,19 +1099,11 @@ impl Agent {
                 return Ok(());
             }
         };
-        let acc = match check_release(&me, &view, &verified) {
-            Ok(release) => Accepted {
-                directive: verified.directive,
-                release,
-                trusted_now: verified.trusted_now,
-            },
-            Err(rej) => return self.refuse(source, verified, rej),
-        };
         let d = acc.directive;
         let span = tracing::info_span!("directive", rollout_id = %d.rollout_id, ?source);
         // Entered only for the synchronous part; the await below is instrumented instead.
         let entered = span.enter();
-        self.st.trusted_now = self.st.trusted_now.max(acc.trusted_now);
+        self.raise_trusted_now(acc.trusted_now)?;
         // A directive the device takes ends the refusal it reported before.
         let refusal_ended = self.st.refused.take().is_some();
         let kept = Kept {
@@ -997,14 +1380,11 @@ impl Agent {
 
     fn part_path(&self, sha: &str) -> PathBuf {
         // Same directory as the final file, so the rename after verification is atomic.
-        self.cfg
-            .data_dir
-            .join("artifacts")
-            .join(format!("{sha}.part"))
+        self.slot.artifacts.join(format!("{sha}.part"))
     }
 
     fn artifact_path(&self, sha: &str) -> PathBuf {
-        self.cfg.data_dir.join("artifacts").join(sha)
+        self.slot.artifacts.join(sha)
     }
 
     // ----- download -------------------------------------------------------------------------
@@ -1189,10 +1569,13 @@ impl Agent {
             .activation
             .allows(now, &self.cfg.timezone)
             .unwrap_or(false);
-        let device_ok = Schedule::new(self.cfg.windows.clone(), &self.cfg.timezone)
-            .map(|s| s.is_open(now))
-            .unwrap_or(false);
-        directive_ok && device_ok
+        let open = |windows: &[Window]| {
+            Schedule::new(windows.to_vec(), &self.cfg.timezone)
+                .map(|s| s.is_open(now))
+                .unwrap_or(false)
+        };
+        // A product's own windows apply in addition to the device's.
+        directive_ok && open(&self.cfg.windows) && open(&self.slot.windows)
     }
 
     fn settled(&self) -> bool {
@@ -1209,7 +1592,7 @@ impl Agent {
     /// "Deferring updates"): no hook, a go, a broken hook or a passed deadline let it; a "not
     /// now" defers it until the next ask.
     async fn may_activate(&mut self) -> Result<bool> {
-        let Some(hook) = self.cfg.defer.clone() else {
+        let Some(hook) = self.slot.defer.clone() else {
             return Ok(true);
         };
         let Some(job) = self.st.job.clone() else {
@@ -1290,7 +1673,7 @@ impl Agent {
 
     /// Whether a defer hook stands in the way of activation until its next ask.
     fn defer_waits(&self) -> bool {
-        match (&self.cfg.defer, &self.st.job) {
+        match (&self.slot.defer, &self.st.job) {
             (Some(hook), Some(job)) => {
                 defer::due(self.st.deferral.as_ref(), job, self.trusted_now(), hook) == Due::Wait
             }
@@ -1334,8 +1717,8 @@ impl Agent {
         let tail = self.cfg.health.output_tail;
         let timeout = self.cfg.install.command_timeout.get();
         let planned_dir = self
-            .cfg
-            .install_root()
+            .slot
+            .install_root
             .join("releases")
             .join(job.release.version.to_string());
         if let Some(pre) = &job.release.install.pre_activate {
@@ -1529,8 +1912,7 @@ impl Agent {
     /// Remove downloaded artifacts and partial downloads that neither an installed release
     /// nor the job under way refers to (left by a cancel, or by a crash before one finished).
     fn prune_artifacts(&self) {
-        let dir = self.cfg.data_dir.join("artifacts");
-        let Ok(rd) = std::fs::read_dir(&dir) else {
+        let Ok(rd) = std::fs::read_dir(&self.slot.artifacts) else {
             return;
         };
         let keep: Vec<PathBuf> = [&self.st.current, &self.st.previous]
@@ -1651,6 +2033,76 @@ fn build_report(cfg: &AgentConfig, st: &Persisted, now: Timestamp) -> StateRepor
         updated_at: now,
         attempt: st.attempt,
         products: Default::default(),
+    }
+}
+
+/// One product's entry in a multi-product report: what [`build_report`] says at its top level,
+/// for this product alone, with the product's own windows.
+pub(crate) fn product_state(st: &Persisted, windows: &[Window]) -> ProductState {
+    ProductState {
+        current: st.current.as_ref().map(|i| i.release.clone()),
+        previous: st.previous.as_ref().map(|i| i.release.clone()),
+        target: st
+            .job
+            .as_ref()
+            .map(|j| j.target())
+            .or_else(|| st.target.clone()),
+        phase: st.phase,
+        rollout_id: st
+            .job
+            .as_ref()
+            .map(|j| j.rollout_id.clone())
+            .or_else(|| st.rollout_id.clone()),
+        last_error: match (st.phase, &st.deferral) {
+            (Phase::Deferred, Some(d)) => Some(d.error_info()),
+            _ => st.last_error.clone(),
+        },
+        refused: st.refused.clone(),
+        attempt: st.attempt,
+        windows: windows.to_vec(),
+    }
+}
+
+/// The report a multi-product agent's products are merged into: the device's fields, and
+/// none of those that describe one release (they are per product, in `products`).
+pub(crate) fn device_report(
+    cfg: &AgentConfig,
+    seq: u64,
+    now: Timestamp,
+    products: BTreeMap<String, ProductState>,
+) -> StateReport {
+    StateReport {
+        device: cfg.device_id.clone(),
+        seq,
+        ring: cfg.ring.clone(),
+        device_class: cfg.device_class.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        current: None,
+        previous: None,
+        target: None,
+        phase: Phase::Idle,
+        rollout_id: None,
+        last_error: None,
+        refused: None,
+        windows: cfg.windows.clone(),
+        timezone: cfg.timezone.clone(),
+        updated_at: now,
+        attempt: 1,
+        products,
+    }
+}
+
+/// A report to start a status channel with, replaced before anyone reads it.
+fn placeholder_report(cfg: &AgentConfig) -> StateReport {
+    device_report(cfg, 0, Timestamp::UNIX_EPOCH, BTreeMap::new())
+}
+
+/// An install kind as configs and releases spell it.
+fn kind_name(k: InstallKind) -> &'static str {
+    match k {
+        InstallKind::Bundle => "bundle",
+        InstallKind::File => "file",
+        InstallKind::Command => "command",
     }
 }
 

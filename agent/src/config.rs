@@ -3,8 +3,11 @@
 
 use crate::error::{Error, Result};
 use ringcast_proto::limits::check_name;
+use ringcast_proto::release::InstallKind;
+use ringcast_proto::report::MAX_PRODUCTS;
 use ringcast_proto::{Dur, Schedule, Topics, Window};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The agent's configuration.
@@ -60,6 +63,34 @@ pub struct AgentConfig {
     pub reports: ReportsConfig,
     /// The optional defer hook: asked right before activation whether the device may update
     /// now (docs/operations.md "Deferring updates").
+    #[serde(default)]
+    pub defer: Option<DeferConfig>,
+    /// The products this device runs (`[products.<name>]`, the name being the release name),
+    /// each with its own state, topics, install root and downloads. Empty (the default): the
+    /// device is a single-product agent that takes every release it is sent on the ring and
+    /// device topics, exactly as before products existed.
+    #[serde(default)]
+    pub products: BTreeMap<String, ProductConfig>,
+}
+
+/// One product of a multi-product device (`[products.<name>]`): an OS image, an application,
+/// firmware. Each is updated on its own: its own directive topics, phase, current/previous
+/// release, rollback floor and downloads (DESIGN.md "Agent state machine").
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductConfig {
+    /// Where this product's bundles and files are kept; default `{install.root}/{name}`.
+    #[serde(default)]
+    pub install_root: Option<PathBuf>,
+    /// The install kinds this product takes (e.g. `["command"]` for an OS image handed to
+    /// `rauc`); a release of another kind is refused `incompatible`. Absent: any kind.
+    #[serde(default)]
+    pub kinds: Option<Vec<InstallKind>>,
+    /// This product's own delivery windows, in the device's time zone; activation needs one
+    /// of these open as well as one of the device's `windows`. Empty: any time.
+    #[serde(default)]
+    pub windows: Vec<Window>,
+    /// This product's defer hook; absent: the device's `[defer]`, if any.
     #[serde(default)]
     pub defer: Option<DeferConfig>,
 }
@@ -191,7 +222,7 @@ impl Default for ReportsConfig {
 /// activated. Exit 0 = go ahead; exit 75 (`EX_TEMPFAIL`) = not now, the last line it printed
 /// being the reason; anything else (or a timeout) = go ahead with a `defer_hook_failed`
 /// event, so a broken hook never blocks updates.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeferConfig {
     /// argv of the hook. It gets `RINGCAST_RELEASE`, `RINGCAST_VERSION`, `RINGCAST_ROLLOUT`,
@@ -297,6 +328,11 @@ impl AgentConfig {
         {
             fix(p);
         }
+        for p in self.products.values_mut() {
+            if let Some(root) = p.install_root.as_mut() {
+                fix(root);
+            }
+        }
     }
 
     /// Check values serde cannot: names, zone, URL schemes. Errors name the field.
@@ -336,18 +372,46 @@ impl AgentConfig {
             return Err("field reports.queue_max: must be at least 16".into());
         }
         if let Some(d) = &self.defer {
-            if d.command.first().is_none_or(|p| p.trim().is_empty()) {
-                return Err("field defer.command: must name the hook to run".into());
+            validate_defer("defer", d)?;
+        }
+        self.validate_products()
+    }
+
+    /// The `[products.<name>]` tables: names, how many, kinds, windows, hooks, and install
+    /// roots that cannot prune one another's releases.
+    fn validate_products(&self) -> std::result::Result<(), String> {
+        if self.products.len() > MAX_PRODUCTS {
+            return Err(format!(
+                "field products: {} products, at most {MAX_PRODUCTS}",
+                self.products.len()
+            ));
+        }
+        let mut roots: Vec<(&str, PathBuf)> = Vec::new();
+        for (name, p) in &self.products {
+            check_name("product", name)
+                .map_err(|e| format!("field products.{name}: {}", e.detail))?;
+            if p.kinds.as_ref().is_some_and(Vec::is_empty) {
+                return Err(format!(
+                    "field products.{name}.kinds: lists no install kind (leave it out to allow any)"
+                ));
             }
-            for (field, v) in [
-                ("retry", d.retry),
-                ("deadline", d.deadline),
-                ("timeout", d.timeout),
-            ] {
-                if v.get().is_zero() {
-                    return Err(format!("field defer.{field}: must be longer than 0s"));
-                }
+            Schedule::new(p.windows.clone(), &self.timezone)
+                .map_err(|e| format!("field products.{name}.windows: {}", e.detail))?;
+            if let Some(d) = &p.defer {
+                validate_defer(&format!("products.{name}.defer"), d)?;
             }
+            let root = self.product_install_root(name);
+            if let Some((other, _)) = roots
+                .iter()
+                .find(|(_, r)| r.starts_with(&root) || root.starts_with(r))
+            {
+                return Err(format!(
+                    "field products.{name}.install_root: {} overlaps the install root of product {other} \
+                     (pruning one product's releases would remove the other's)",
+                    root.display()
+                ));
+            }
+            roots.push((name, root));
         }
         Ok(())
     }
@@ -366,6 +430,25 @@ impl AgentConfig {
             .root
             .clone()
             .unwrap_or_else(|| self.data_dir.join("install"))
+    }
+
+    /// Whether this device runs several named products (`[products]` is not empty).
+    pub fn is_multi_product(&self) -> bool {
+        !self.products.is_empty()
+    }
+
+    /// Where product `name` is installed: its `install_root`, or `{install_root()}/{name}`.
+    pub fn product_install_root(&self, name: &str) -> PathBuf {
+        self.products
+            .get(name)
+            .and_then(|p| p.install_root.clone())
+            .unwrap_or_else(|| self.install_root().join(name))
+    }
+
+    /// Where product `name` keeps its downloads: `{data_dir}/products/{name}/artifacts`, apart
+    /// from every other product's, so pruning one never removes another's.
+    pub fn product_artifacts_dir(&self, name: &str) -> PathBuf {
+        self.data_dir.join("products").join(name).join("artifacts")
     }
 
     /// A minimal config for tests and simulators: everything else at its default.
@@ -409,8 +492,26 @@ impl AgentConfig {
             health: HealthConfig::default(),
             reports: ReportsConfig::default(),
             defer: None,
+            products: BTreeMap::new(),
         }
     }
+}
+
+/// A defer hook's values serde cannot check; `field` names its table in errors.
+fn validate_defer(field: &str, d: &DeferConfig) -> std::result::Result<(), String> {
+    if d.command.first().is_none_or(|p| p.trim().is_empty()) {
+        return Err(format!("field {field}.command: must name the hook to run"));
+    }
+    for (name, v) in [
+        ("retry", d.retry),
+        ("deadline", d.deadline),
+        ("timeout", d.timeout),
+    ] {
+        if v.get().is_zero() {
+            return Err(format!("field {field}.{name}: must be longer than 0s"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -503,6 +604,101 @@ url = "mqtt://127.0.0.1:1883"
                 .to_string();
             assert!(e.contains(field) && e.contains("/x/agent.toml"), "{e}");
         }
+    }
+
+    #[test]
+    fn no_products_table_means_a_single_product_agent() {
+        let c = AgentConfig::from_toml(GOOD, Path::new("a.toml")).unwrap();
+        assert!(c.products.is_empty());
+        assert!(!c.is_multi_product());
+    }
+
+    #[test]
+    fn products_load_with_their_own_roots_kinds_windows_and_hooks() {
+        let text = format!(
+            r#"{GOOD}
+[defer]
+command = ["/bin/device-hook"]
+
+[products.os]
+kinds = ["command"]
+windows = ["Sun 01:00-03:00"]
+defer = {{ command = ["/bin/os-hook"], retry = "1m" }}
+
+[products.app]
+install_root = "apps/main"
+"#
+        );
+        let c = AgentConfig::from_toml(&text, Path::new("/etc/ringcast/agent.toml")).unwrap();
+        assert!(c.is_multi_product());
+        assert_eq!(
+            c.products.keys().collect::<Vec<_>>(),
+            vec!["app", "os"],
+            "named tables, in name order"
+        );
+        let os = &c.products["os"];
+        assert_eq!(os.kinds, Some(vec![InstallKind::Command]));
+        assert_eq!(os.windows, vec![Window::parse("Sun 01:00-03:00").unwrap()]);
+        assert_eq!(os.defer.as_ref().unwrap().command, vec!["/bin/os-hook"]);
+        assert_eq!(os.defer.as_ref().unwrap().retry, Dur::secs(60));
+        // Defaults: under the device's install root, by name; relative roots resolved.
+        assert_eq!(
+            c.product_install_root("os"),
+            Path::new("/etc/ringcast/data/install/os")
+        );
+        assert_eq!(
+            c.product_install_root("app"),
+            Path::new("/etc/ringcast/apps/main")
+        );
+        let app = &c.products["app"];
+        assert!(app.kinds.is_none() && app.windows.is_empty() && app.defer.is_none());
+        assert_eq!(
+            c.product_artifacts_dir("app"),
+            Path::new("/etc/ringcast/data/products/app/artifacts")
+        );
+    }
+
+    #[test]
+    fn bad_products_name_their_field() {
+        for (table, field) in [
+            ("[products.\"bad/name\"]\n", "products.bad/name"),
+            ("[products.os]\nkinds = []\n", "products.os.kinds"),
+            ("[products.os]\nkinds = [\"rpm\"]\n", "rpm"),
+            ("[products.os]\nknids = [\"command\"]\n", "knids"),
+            ("[products.os]\nwindows = [\"Mon 25:00-26:00\"]\n", "windows"),
+            (
+                "[products.os]\ndefer = { command = [] }\n",
+                "products.os.defer.command",
+            ),
+            (
+                "[products.os]\ndefer = { command = [\"/bin/x\"], timeout = \"0s\" }\n",
+                "products.os.defer.timeout",
+            ),
+            (
+                "[products.os]\ninstall_root = \"/opt/a\"\n[products.app]\ninstall_root = \"/opt/a/x\"\n",
+                "products.os.install_root",
+            ),
+            (
+                "[products.os]\ninstall_root = \"/opt/a\"\n[products.app]\ninstall_root = \"/opt/a\"\n",
+                "install_root",
+            ),
+        ] {
+            let text = format!("{GOOD}{table}");
+            let e = AgentConfig::from_toml(&text, Path::new("/x/agent.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field) && e.contains("/x/agent.toml"), "{table}: {e}");
+        }
+        let many: String = (0..=MAX_PRODUCTS)
+            .map(|i| format!("[products.p{i}]\n"))
+            .collect();
+        let e = AgentConfig::from_toml(&format!("{GOOD}{many}"), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("field products:") && e.contains("at most"),
+            "{e}"
+        );
     }
 
     #[test]

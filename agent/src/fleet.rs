@@ -5,10 +5,11 @@
 //! exactly the code a real one does. It lives in the agent crate so that none of them needs
 //! the controller to link the agent.
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, ProductConfig};
 use crate::error::{Error, FleetError};
 use crate::{Agent, AgentHandle, Deps, FsInstaller, MemoryStore, SledStore, Store};
 use ringcast_proto::{Clock, Dur, StateReport};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +74,22 @@ impl std::fmt::Debug for FleetSpec {
             .field("fail_rate", &self.fail_rate)
             .field("store", &self.store)
             .finish()
+    }
+}
+
+impl FleetSpec {
+    /// Every device runs these products (`[products]`, see [`AgentConfig::products`]), each
+    /// at its own install root under the device's; then the spec's own `customize`, if any,
+    /// has the last word.
+    pub fn with_products(mut self, products: BTreeMap<String, ProductConfig>) -> FleetSpec {
+        let then = self.customize.take();
+        self.customize = Some(Arc::new(move |cfg: &mut AgentConfig| {
+            cfg.products = products.clone();
+            if let Some(f) = &then {
+                f(cfg);
+            }
+        }));
+        self
     }
 }
 
@@ -142,11 +159,23 @@ impl SimDevice {
 
     /// The `VERSION` of the release its `current` link points at.
     pub fn current_version(&self) -> Option<String> {
-        std::fs::read_to_string(self.cfg.install_root().join("current").join("VERSION"))
-            .ok()
-            .map(|s| s.trim().to_owned())
+        read_version(&self.cfg.install_root())
+    }
+
+    /// The `VERSION` of the release of `product` its `current` link points at (devices with
+    /// `[products]`).
+    pub fn product_version(&self, product: &str) -> Option<String> {
+        read_version(&self.cfg.product_install_root(product))
     }
 }
+
+fn read_version(root: &Path) -> Option<String> {
+    std::fs::read_to_string(root.join("current").join("VERSION"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+impl SimDevice {}
 
 /// A running fleet.
 #[derive(Debug)]
@@ -165,15 +194,25 @@ pub fn open_store(kind: StoreKind, cfg: &AgentConfig) -> Result<Arc<dyn Store>> 
     })
 }
 
-/// Create the device's data directory and installer root.
+/// Create the device's data directory and installer roots (the device's, and each
+/// product's).
 fn prepare_dirs(cfg: &AgentConfig) -> Result<()> {
-    let root = cfg.install_root();
-    std::fs::create_dir_all(&root)
-        .map_err(|e| FleetError::agent(cfg, Error::io("create dir", &root, e)))
+    for root in install_roots(cfg) {
+        std::fs::create_dir_all(&root)
+            .map_err(|e| FleetError::agent(cfg, Error::io("create dir", &root, e)))?;
+    }
+    Ok(())
+}
+
+/// The device's install root and each product's.
+fn install_roots(cfg: &AgentConfig) -> Vec<PathBuf> {
+    std::iter::once(cfg.install_root())
+        .chain(cfg.products.keys().map(|p| cfg.product_install_root(p)))
+        .collect()
 }
 
 /// Start the real agent for `cfg` on `store` and `clock`, with the real installer in its
-/// install root.
+/// install root (each product's own, with `[products]`).
 pub fn spawn_agent(
     cfg: &AgentConfig,
     store: Arc<dyn Store>,
@@ -218,10 +257,13 @@ impl Fleet {
                 // Spread the failing devices over the ring (every k-th), so a ramp step of
                 // any size meets some of them.
                 let fails = failing > 0 && (i * failing) % count < failing;
-                let marker = cfg.install_root().join(FAIL_MARKER);
                 if fails {
-                    std::fs::write(&marker, b"simulated fault\n")
-                        .map_err(|e| FleetError::agent(&cfg, Error::io("write", &marker, e)))?;
+                    // Every product of a failing device fails its checks.
+                    for root in install_roots(&cfg) {
+                        let marker = root.join(FAIL_MARKER);
+                        std::fs::write(&marker, b"simulated fault\n")
+                            .map_err(|e| FleetError::agent(&cfg, Error::io("write", &marker, e)))?;
+                    }
                 }
                 let store = open_store(spec.store, &cfg)?;
                 let mut d = SimDevice {
@@ -380,6 +422,40 @@ pub fn device_config(spec: &FleetSpec, id: &str, ring: &str) -> AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_products_gives_every_device_them_and_customize_has_the_last_word() {
+        let spec = FleetSpec {
+            fleet: "lab".into(),
+            device_class: "sensor-v2".into(),
+            broker_url: "mqtt://127.0.0.1:1883".into(),
+            trust_root: PathBuf::from("/t/trust.json"),
+            artifact_base_url: None,
+            dir: PathBuf::from("/t/fleet"),
+            rings: vec![("canary".into(), 1)],
+            fail_rate: 0.0,
+            store: StoreKind::Memory,
+            clock: Arc::new(ringcast_proto::SystemClock),
+            customize: Some(Arc::new(|cfg: &mut AgentConfig| {
+                cfg.products.remove("fw");
+            })),
+        };
+        let products: BTreeMap<String, ProductConfig> = ["os", "app", "fw"]
+            .into_iter()
+            .map(|p| (p.to_owned(), ProductConfig::default()))
+            .collect();
+        let spec = spec.with_products(products);
+        let cfg = device_config(&spec, "canary-000", "canary");
+        assert_eq!(cfg.products.keys().collect::<Vec<_>>(), vec!["app", "os"]);
+        assert_eq!(
+            install_roots(&cfg),
+            vec![
+                PathBuf::from("/t/fleet/canary-000/install"),
+                PathBuf::from("/t/fleet/canary-000/install/app"),
+                PathBuf::from("/t/fleet/canary-000/install/os"),
+            ]
+        );
+    }
 
     #[test]
     fn split_gives_every_ring_a_device_and_the_rest_to_the_last() {

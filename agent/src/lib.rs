@@ -16,7 +16,9 @@
 //! - [`transport`]: the MQTT session and the persisted, ordered report outbox.
 //! - [`log`]: the binary's small text/JSON `tracing` subscriber.
 //! - [`state`]: what is persisted and the phase transition table.
-//! - [`agent`]: [`Agent`], the task that ties it together.
+//! - [`agent`]: [`Agent`], the task that ties it together: one worker per release slot.
+//! - `hub` (private): what the products of a multi-product agent share (trust root, trusted
+//!   time, event ids, the merged report) and the router feeding each product's worker.
 //! - `fleet` (feature `fleet`, not in the device binary): many real agents in one process,
 //!   the devices of `ringcast demo`, the `ringcast-sim` simulator and the end-to-end
 //!   scenarios.
@@ -75,6 +77,16 @@
 //! - A release that reverted or failed here is not retried within the same rollout (so a
 //!   re-signed directive cannot loop installs); a new rollout may offer it again.
 //! - The rollback floor rises at commit.
+//! - **Products.** Without `[products]` the agent has one slot for every release name, on the
+//!   ring and device directive topics. With `[products.<name>]` tables each product (name =
+//!   release name) has its own slot, phase, rollback floor, failed list, deferral, directive
+//!   topics (`…/rings/{ring}/products/{name}/directive`, `…/devices/{device}/products/{name}/
+//!   directive`), downloads (`{data_dir}/products/{name}/artifacts`), install root and state
+//!   (store key `product/{name}/state`), and runs as its own task, so one product's probation,
+//!   window or deferral never holds up another. A release named otherwise is refused
+//!   `wrong_target`, one of a kind the product does not take `incompatible`. The state report
+//!   lists every product under `products` and leaves its release fields empty; one trusted
+//!   time, one report sequence and one event numbering are kept per device (`device/state`).
 //! - Restarts during `installing` or `probation` count toward `restarts_to_revert`; below
 //!   it, an install is simply run again (every install step is repeatable).
 
@@ -88,6 +100,7 @@ pub mod error;
 pub mod fleet;
 pub mod health;
 pub mod http;
+mod hub;
 pub mod install;
 pub mod log;
 pub mod state;

@@ -167,6 +167,30 @@ fn status(cfg: &AgentConfig, json: bool) -> anyhow::Result<()> {
         "device:     {} ({}, ring {})",
         r.device, r.device_class, r.ring
     );
+    if r.is_multi_product() {
+        // One block per product: each has its own phase, slot and rollout.
+        for (product, p) in &r.products {
+            println!("product:    {product}");
+            println!("  phase:      {}", p.phase.as_str());
+            println!("  current:    {}", name(&p.current));
+            println!("  previous:   {}", name(&p.previous));
+            println!("  target:     {}", name(&p.target));
+            println!("  rollout:    {}", p.rollout_id.as_deref().unwrap_or("-"));
+            if let Some(e) = &p.last_error {
+                println!("  last error: {}: {}", e.reason, e.detail);
+            }
+            if let Some(x) = &p.refused {
+                println!(
+                    "  refused:    {} ({}): {}",
+                    x.rollout_id,
+                    x.reason.code(),
+                    x.detail
+                );
+            }
+        }
+        println!("updated:    {}", r.updated_at);
+        return Ok(());
+    }
     println!("phase:      {}", r.phase.as_str());
     println!("current:    {}", name(&r.current));
     println!("previous:   {}", name(&r.previous));

@@ -468,6 +468,31 @@ pub struct Persisted {
     pub deferral: Option<Deferral>,
 }
 
+/// What a multi-product agent persists for the device as a whole, beside each product's own
+/// [`Persisted`] (under `product/{name}/state`) and the trust root. A single-product agent
+/// keeps these in its one [`Persisted`] instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// `max(local clock, newest issued_at any product verified)`: one trusted time per device,
+    /// so no product judges expiry by an older time than another already saw.
+    pub trusted_now: Timestamp,
+    /// Sequence of the last state report queued, across every product.
+    pub report_seq: u64,
+    /// Incremented at every start; makes event ids unique across restarts.
+    pub boot: u64,
+}
+
+impl DeviceState {
+    /// A fresh device.
+    pub fn new(now: Timestamp) -> DeviceState {
+        DeviceState {
+            trusted_now: now,
+            report_seq: 0,
+            boot: 0,
+        }
+    }
+}
+
 /// The reason code a deferred device reports in its state report's `last_error`.
 pub const DEFERRED: &str = "deferred";
 

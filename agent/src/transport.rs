@@ -2,7 +2,8 @@
 //! 256 KiB Maximum Packet Size so one oversized retained message cannot make the agent deaf;
 //! 3.1.1 otherwise): persistent session, QoS 1, Last Will `false` on `…/online`, reconnect with
 //! capped exponential backoff and jitter, subscriptions exactly as DESIGN.md lists (trust, own
-//! ring directive, own device directive). On every (re)connect the agent is told, and
+//! ring directive, own device directive; with `[products]`, each product's ring and device
+//! directive instead of those two, see [`subscriptions`]). On every (re)connect the agent is told, and
 //! publishes its current state again: a broker restored from an old save must not keep an old
 //! report of this device retained.
 //!
@@ -16,6 +17,7 @@ use crate::config::AgentConfig;
 use crate::error::{Error, Result};
 use crate::store::Store;
 use ringcast_io::mqtt::{self, Client, Event, QoS, Will};
+use ringcast_proto::Topics;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
@@ -140,6 +142,21 @@ pub fn session_options(c: &AgentConfig) -> Result<mqtt::Options> {
     Ok(o)
 }
 
+/// The topics this device subscribes to: the trust topic and its ring's and its own
+/// directive topics, or, with `[products]`, the trust topic and each product's two.
+pub fn subscriptions(c: &AgentConfig, topics: &Topics) -> Vec<String> {
+    if !c.is_multi_product() {
+        return topics.agent_subscriptions(&c.ring, &c.device_id).to_vec();
+    }
+    std::iter::once(topics.trust())
+        .chain(
+            c.products
+                .keys()
+                .flat_map(|p| topics.product_subscriptions(&c.ring, &c.device_id, p)),
+        )
+        .collect()
+}
+
 /// The session task. Runs until `shutdown` turns true, then says `online = false`.
 pub async fn run(
     c: AgentConfig,
@@ -151,8 +168,7 @@ pub async fn run(
 ) -> Result<()> {
     let topics = c.topics().map_err(|e| Error::Mqtt(e.detail))?;
     let (client, mut eventloop) = mqtt::session(&session_options(&c)?);
-    let subs: Vec<(String, QoS)> = topics
-        .agent_subscriptions(&c.ring, &c.device_id)
+    let subs: Vec<(String, QoS)> = subscriptions(&c, &topics)
         .into_iter()
         .map(|t| (t, QoS::AtLeastOnce))
         .collect();
