@@ -45,7 +45,7 @@ pub use error::{Reason, Rejection};
 pub use keys::{KeyId, PublicKey, SecretKey};
 pub use ramp::{bucket, in_ramp, Percent};
 pub use release::Release;
-pub use report::{Event, EventKind, Order, Phase, Refusal, ReleaseRef, StateReport};
+pub use report::{Event, EventKind, Order, Phase, ProductState, Refusal, ReleaseRef, StateReport};
 pub use topic::{Topic, Topics};
 pub use trust::{Role, Rotation, TrustRoot};
 pub use window::{Schedule, Window};

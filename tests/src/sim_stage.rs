@@ -197,6 +197,9 @@ pub struct StageSpec {
     /// [`BrokerKind::Embedded`]: retained messages a new subscription gets at most (rumqttd
     /// drops the rest), to stand for brokers that truncate a re-read.
     pub embedded_retained_limit: u64,
+    /// Products every device runs (`[products]` in its agent.toml); empty: single-product
+    /// agents, as before products.
+    pub products: std::collections::BTreeMap<String, ringcast_agent::config::ProductConfig>,
 }
 
 impl StageSpec {
@@ -216,6 +219,7 @@ impl StageSpec {
             mosquitto_overrides: Vec::new(),
             protocol: ringcast_io::mqtt::Protocol::Auto,
             embedded_retained_limit: ringcast_controller::broker::RETAINED_PER_SUBSCRIPTION,
+            products: Default::default(),
         }
     }
 }
@@ -417,7 +421,7 @@ impl Stage {
         config.server.listen = controller.http_addr();
 
         let customize = agent_customize(lab.as_ref(), protocol);
-        let fleet = Fleet::start(FleetSpec {
+        let fleet_spec = FleetSpec {
             fleet: FLEET.into(),
             device_class: CLASS.into(),
             broker_url: broker_url.clone(),
@@ -429,9 +433,13 @@ impl Stage {
             store: spec.store,
             clock: Arc::new(SystemClock),
             customize,
-        })
-        .await
-        .expect("fleet starts");
+        };
+        let fleet_spec = if spec.products.is_empty() {
+            fleet_spec
+        } else {
+            fleet_spec.with_products(spec.products.clone())
+        };
+        let fleet = Fleet::start(fleet_spec).await.expect("fleet starts");
 
         // Move the controller's clock at real speed, so nothing waits on a frozen clock.
         let c2 = clock.clone();
@@ -646,6 +654,39 @@ impl Stage {
                     start_at: None,
                     activate_at,
                     launch,
+                },
+                operator(),
+            )
+            .await
+            .expect("release accepted");
+        ro.id
+    }
+
+    /// Put `artifact` in the controller's store and submit `release` pointing at it, signed by
+    /// the stage's release key (for releases [`Stage::submit`]'s app bundle does not cover: an
+    /// `os` image installed by a command, say). The release's `artifact` fields are set here.
+    pub async fn submit_release(
+        &self,
+        mut release: ringcast_proto::Release,
+        artifact: &[u8],
+    ) -> String {
+        let hex = self
+            .controller()
+            .shared()
+            .artifacts
+            .put(artifact)
+            .expect("artifact stored");
+        ringcast::kit::point_at(&mut release, &hex, artifact.len() as u64);
+        let env = release.sign(&[&self.keys.release]);
+        let (_, ro) = self
+            .controller()
+            .engine()
+            .submit(
+                Submit {
+                    envelope: env,
+                    start_at: None,
+                    activate_at: None,
+                    launch: None,
                 },
                 operator(),
             )
