@@ -15,9 +15,9 @@
 //! | POST | `/api/v1/rollouts/{id}/approve` | approver | `{ring?}`: approve a `manual` ring |
 //! | POST | `/api/v1/rollouts/{id}/pause\|resume\|abort\|retry` | operator | |
 //! | POST | `/api/v1/rollouts/{id}/launch` | operator | `{at}`: move a launch to `at`, or hold it (`null`) |
-//! | GET | `/api/v1/devices?ring=&phase=&rollout=`, `/api/v1/devices/{id}` | viewer | latest report, `prediction` (forecast commit time), pin; one device also its recent `events`, newest first |
+//! | GET | `/api/v1/devices?ring=&phase=&rollout=`, `/api/v1/devices/{id}` | viewer | latest report, `prediction` (forecast commit time), pin; a device running several products also `products` (each one's phase, current, rollout, prediction, pin); one device also its recent `events`, newest first |
 //! | POST | `/api/v1/devices/{id}/pin` | approver | `{release_id}`: pin the device to a release (per-device directive) |
-//! | DELETE | `/api/v1/devices/{id}/pin` | approver | end the pin: the device follows its ring again |
+//! | DELETE | `/api/v1/devices/{id}/pin?product=` | approver | end the pin (of `product`, needed when the device is pinned for several): the device follows its ring again |
 //! | GET | `/api/v1/audit` | viewer | the raw hash-chained log (verify it client-side) |
 //! | GET | `/api/v1/insight` | viewer | lead time, deployment frequency, change-failure rate, time to restore; each live rollout's `forecasts` (step timeline, measured download/install, probation) |
 //! | GET | `/metrics` | — | Prometheus text |
@@ -1050,10 +1050,20 @@ async fn pin_device(
     Ok(Json(PinView::from(&p)))
 }
 
+/// Query of `DELETE /api/v1/devices/{id}/pin`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnpinQuery {
+    /// The product whose pin ends (default: the device's only standing pin).
+    #[serde(default)]
+    pub product: Option<String>,
+}
+
 async fn unpin_device(
     State(app): State<App>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    Query(q): Query<UnpinQuery>,
 ) -> ApiResult<Json<PinView>> {
     let subject = format!("device {id}");
     let actor = authorize_on(
@@ -1064,7 +1074,7 @@ async fn unpin_device(
         None,
         Some(&subject),
     )?;
-    let p = app.engine.unpin(id, actor).await?;
+    let p = app.engine.unpin(id, q.product, actor).await?;
     Ok(Json(PinView::from(&p)))
 }
 

@@ -252,11 +252,23 @@ impl Client {
 
     /// End a device's pin.
     pub async fn unpin(&self, device: &str) -> Result<PinView, ClientError> {
-        self.send(self.req(
+        self.unpin_product(device, None).await
+    }
+
+    /// End a device's pin for `product` (`None`: its only standing pin).
+    pub async fn unpin_product(
+        &self,
+        device: &str,
+        product: Option<&str>,
+    ) -> Result<PinView, ClientError> {
+        let mut req = self.req(
             reqwest::Method::DELETE,
             &format!("/api/v1/devices/{device}/pin"),
-        ))
-        .await
+        );
+        if let Some(p) = product {
+            req = req.query(&[("product", p)]);
+        }
+        self.send(req).await
     }
 
     /// Delivery insight.

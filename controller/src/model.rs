@@ -4,6 +4,7 @@
 use jiff::Timestamp;
 use ringcast_proto::{Activation, Envelope, Event, Percent, Release, StateReport};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// A submitted, verified release.
@@ -298,6 +299,18 @@ pub struct RolloutInsight {
     pub restored_at: Option<Timestamp>,
 }
 
+/// The key of a standing directive in the engine's tables and in the store: the ring (or, for
+/// a device's directive, the device) alone for the single-product topic, as every record
+/// persisted before products was keyed, and `{ring}/{product}` (`{device}/{product}`) for a
+/// product's topic. Names never hold a `/`, so the two kinds of key cannot meet, and a record
+/// from before products loads as the single-product one.
+pub fn directive_key(scope: &str, product: Option<&str>) -> String {
+    match product {
+        None => scope.to_owned(),
+        Some(p) => format!("{scope}/{p}"),
+    }
+}
+
 /// The directive currently standing on a ring topic (re-signed before expiry).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RingDirective {
@@ -306,6 +319,11 @@ pub struct RingDirective {
     /// Set on a per-device directive (a pin): published on `…/devices/{device}/directive`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Set on a product's directive (a release name): published on
+    /// `…/rings/{ring}/products/{product}/directive` (or the device's product topic) and
+    /// signed with it. `None`: the single-product topic, which agents without products read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
     /// Rollout id in the directive (ramp seed).
     pub rollout_id: String,
     /// `install` or `hold`.
@@ -322,6 +340,16 @@ pub struct RingDirective {
     pub issued_at: Timestamp,
     /// When the last signature expires.
     pub expires_at: Timestamp,
+}
+
+impl RingDirective {
+    /// Its key in the engine's tables and the store ([`directive_key`]).
+    pub fn key(&self) -> String {
+        directive_key(
+            self.device.as_deref().unwrap_or(&self.ring),
+            self.product.as_deref(),
+        )
+    }
 }
 
 /// The directive the controller keeps standing on one device's topic: a pin, or the `hold`
@@ -388,6 +416,15 @@ pub struct EventEntry {
 }
 
 impl DeviceRecord {
+    /// Its latest report as it concerns releases named `product`
+    /// ([`StateReport::for_product`]): the report itself from an agent without products
+    /// (borrowed: nothing is copied), that product's entry from one running several, `None`
+    /// when it has not reported or does not run the product (then it is not part of that
+    /// product's rollouts at all).
+    pub fn report_for(&self, product: &str) -> Option<Cow<'_, StateReport>> {
+        self.report.as_ref()?.for_product(product)
+    }
+
     /// A device first heard of at `now`, with nothing known about it yet.
     pub fn new(id: String, now: Timestamp) -> DeviceRecord {
         DeviceRecord {

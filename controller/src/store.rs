@@ -45,9 +45,10 @@ pub enum StateTree {
     Releases = 0,
     /// Rollouts by id.
     Rollouts = 1,
-    /// Standing ring directives by ring.
+    /// Standing ring directives by key ([`crate::model::directive_key`]: ring, or ring and
+    /// product).
     Rings = 2,
-    /// Standing device directives by device.
+    /// Standing device directives by key (device, or device and product).
     Pins = 3,
     /// Meta values.
     Meta = 4,
@@ -83,22 +84,21 @@ impl Write {
         Write::put(StateTree::Rollouts, "rollout", &r.id, r)
     }
 
-    /// Store a ring's standing directive.
+    /// Store a ring's standing directive (under its [`RingDirective::key`]).
     pub fn ring(r: &RingDirective) -> Result<Write> {
-        Write::put(StateTree::Rings, "ring directive", &r.ring, r)
+        Write::put(StateTree::Rings, "ring directive", &r.key(), r)
     }
 
-    /// Store a device's standing directive.
+    /// Store a device's standing directive (under its directive's key).
     pub fn pin(p: &DevicePin) -> Result<Write> {
-        let key = p.directive.device.as_deref().unwrap_or_default();
-        Write::put(StateTree::Pins, "device pin", key, p)
+        Write::put(StateTree::Pins, "device pin", &p.directive.key(), p)
     }
 
-    /// Forget a device's standing directive.
-    pub fn pin_deleted(device: &str) -> Write {
+    /// Forget the device directive stored under `key`.
+    pub fn pin_deleted(key: &str) -> Write {
         Write {
             tree: StateTree::Pins,
-            key: device.as_bytes().to_vec(),
+            key: key.as_bytes().to_vec(),
             value: None,
         }
     }
@@ -344,7 +344,7 @@ impl Store {
     /// Save a ring directive.
     pub fn put_ring(&self, r: &RingDirective) -> Result<()> {
         self.rings
-            .insert(r.ring.as_bytes(), enc("ring directive", r)?)?;
+            .insert(r.key().as_bytes(), enc("ring directive", r)?)?;
         Ok(())
     }
 
@@ -355,14 +355,14 @@ impl Store {
 
     /// Save a device's standing directive (pin or the hold that ended it).
     pub fn put_pin(&self, p: &DevicePin) -> Result<()> {
-        let key = p.directive.device.as_deref().unwrap_or_default();
-        self.pins.insert(key.as_bytes(), enc("device pin", p)?)?;
+        self.pins
+            .insert(p.directive.key().as_bytes(), enc("device pin", p)?)?;
         Ok(())
     }
 
-    /// Forget a device's standing directive (retired: its ring has moved on).
-    pub fn delete_pin(&self, device: &str) -> Result<()> {
-        self.pins.remove(device.as_bytes())?;
+    /// Forget the device directive stored under `key` (retired: its ring has moved on).
+    pub fn delete_pin(&self, key: &str) -> Result<()> {
+        self.pins.remove(key.as_bytes())?;
         Ok(())
     }
 

@@ -15,8 +15,8 @@ use crate::audit::Record;
 use crate::config::{OnFailure, OnNewRelease, Policy, Promotion, RingPolicy};
 use crate::error::{Error, Result};
 use crate::model::{
-    Approval, DevicePin, Launch, LaunchMode, ReleaseRecord, RingAttempt, RingDirective, Rollout,
-    RolloutState, Stage, StepRecord, Tally, HELD, LEGACY_RING_PREFIX,
+    directive_key, Approval, DevicePin, Launch, LaunchMode, ReleaseRecord, RingAttempt,
+    RingDirective, Rollout, RolloutState, Stage, StepRecord, Tally, HELD, LEGACY_RING_PREFIX,
 };
 use jiff::{SignedDuration, Timestamp};
 use ringcast_proto::{
@@ -134,8 +134,12 @@ impl Core {
             } => self
                 .pin(&device, &release, &actor, now, fleet, &mut out)
                 .map(Reply::Pin),
-            Input::Unpin { device, actor } => self
-                .unpin(&device, &actor, now, fleet, &mut out)
+            Input::Unpin {
+                device,
+                product,
+                actor,
+            } => self
+                .unpin(&device, product.as_deref(), &actor, now, fleet, &mut out)
                 .map(Reply::Pin),
             Input::ChecksDone {
                 rollout,
@@ -222,7 +226,7 @@ impl Core {
         }
         // Acceptance checks that were running died with the process that ran them, and their
         // result is what the rollout waits for: run the awaited attempt again.
-        let checking: Vec<(String, String, String, u32)> = self
+        let checking: Vec<(String, String, String, String, u32)> = self
             .state
             .rollouts
             .values()
@@ -231,17 +235,23 @@ impl Core {
                     ring,
                     stage: Stage::Checking { attempt, .. },
                     ..
-                } => Some((r.id.clone(), ring.clone(), r.release_id.clone(), *attempt)),
+                } => Some((
+                    r.id.clone(),
+                    ring.clone(),
+                    r.release_id.clone(),
+                    r.release_name.clone(),
+                    *attempt,
+                )),
                 _ => None,
             })
             .collect();
-        for (rollout, ring, release, attempt) in checking {
+        for (rollout, ring, release, product, attempt) in checking {
             let Some(checks) = policy.ring(&ring).map(|rp| rp.checks.clone()) else {
                 continue;
             };
             info!(rollout_id = %rollout, %ring, attempt, "acceptance checks run again");
             out.effects.push(Effect::RunChecks {
-                devices: fleet.ring_devices(&ring),
+                devices: fleet.ring_devices(&ring, Some(&product)),
                 rollout,
                 ring,
                 release,
@@ -249,19 +259,102 @@ impl Core {
                 checks,
             });
         }
-        for (ring, min, known) in self.undersized_rings(fleet) {
+        for (ring, min, known) in self.undersized_rings(fleet, None) {
             warn!(
                 ring,
                 known, min, "ring has fewer known devices than its gate's min_reports"
             );
         }
+        self.adopt_single_product_records(out);
         self.republish_all(now, out);
     }
 
-    /// Rings whose gate needs more commits than the ring has known devices: `(ring,
-    /// min_reports, known)`.
-    fn undersized_rings(&self, fleet: &Fleet<'_>) -> Vec<(String, u32, u32)> {
-        let sizes = fleet.ring_sizes();
+    /// Standing directives persisted before products exist only on the single-product
+    /// topics. Each gets its product's record beside it (the same rollout, action, release,
+    /// ramp and activation, under its own sequence), so agents running several products hear
+    /// what stands without waiting for the next step; from then on both are kept as every
+    /// rollout keeps them. The product is the release's name, or the rollout's for a `hold`;
+    /// a record naming neither (an ended pin's hold) stays single-product only.
+    fn adopt_single_product_records(&mut self, out: &mut Out) {
+        let product_of = |d: &RingDirective| {
+            d.release_id
+                .as_ref()
+                .and_then(|id| self.state.releases.get(id))
+                .map(|r| r.release.name.clone())
+                .or_else(|| {
+                    self.state
+                        .rollouts
+                        .get(&d.rollout_id)
+                        .map(|r| r.release_name.clone())
+                })
+        };
+        let rings: Vec<RingDirective> = self
+            .state
+            .rings
+            .values()
+            .filter(|d| d.product.is_none())
+            .filter_map(|d| {
+                let product = product_of(d)?;
+                let key = directive_key(&d.ring, Some(&product));
+                (!self.state.rings.contains_key(&key)).then(|| RingDirective {
+                    product: Some(product),
+                    sequence: 0,
+                    ..d.clone()
+                })
+            })
+            .collect();
+        let pins: Vec<DevicePin> = self
+            .state
+            .pins
+            .values()
+            .filter(|p| p.directive.product.is_none())
+            .filter_map(|p| {
+                let product = product_of(&p.directive)?;
+                let device = p.directive.device.as_deref()?;
+                let key = directive_key(device, Some(&product));
+                (!self.state.pins.contains_key(&key)).then(|| DevicePin {
+                    directive: RingDirective {
+                        product: Some(product),
+                        sequence: 0,
+                        ..p.directive.clone()
+                    },
+                    ..p.clone()
+                })
+            })
+            .collect();
+        if rings.is_empty() && pins.is_empty() {
+            return;
+        }
+        let detail = format!(
+            "{} ring and {} device directive(s) from before products now stand on their              product's topic too",
+            rings.len(),
+            pins.len()
+        );
+        for d in rings {
+            let key = d.key();
+            self.state.rings.insert(key.clone(), d);
+            out.changes.rings.insert(key);
+        }
+        for p in pins {
+            let key = p.directive.key();
+            self.state.pins.insert(key.clone(), p);
+            out.changes.pins.insert(key);
+        }
+        info!("{detail}");
+        out.audit(Record {
+            rollout_id: None,
+            ..Record::auto("product_directives", "", None, detail)
+        });
+    }
+
+    /// Rings whose gate needs more commits than the ring has known devices (that run
+    /// `product`; `None`: any): `(ring, min_reports, known)`.
+    fn undersized_rings(
+        &self,
+        fleet: &Fleet<'_>,
+        product: Option<&str>,
+    ) -> Vec<(String, u32, u32)> {
+        let sizes = fleet.ring_sizes(product);
         self.cfg
             .policy
             .rings
@@ -288,33 +381,39 @@ impl Core {
                 now >= issued.checked_add(after).unwrap_or(Timestamp::MAX) || now < issued
             }
         };
+        // Every record: each product's and the single-product one of every ring and device.
         let rings: Vec<String> = self
             .state
             .rings
-            .values()
-            .filter(|d| due(d.issued_at))
-            .map(|d| d.ring.clone())
+            .iter()
+            .filter(|(_, d)| due(d.issued_at))
+            .map(|(k, _)| k.clone())
             .collect();
-        for ring in rings {
-            if let Some(mut spec) = self.state.rings.get(&ring).cloned() {
-                self.sign(&mut spec, now, out);
-                self.state.rings.insert(ring.clone(), spec);
-                out.changes.rings.insert(ring);
-            }
+        for key in rings {
+            self.resign_ring(&key, now, out);
         }
         let pins: Vec<String> = self
             .state
             .pins
             .iter()
             .filter(|(_, p)| due(p.directive.issued_at))
-            .map(|(d, _)| d.clone())
+            .map(|(k, _)| k.clone())
             .collect();
-        for device in pins {
-            if let Some(mut pin) = self.state.pins.get(&device).cloned() {
+        for key in pins {
+            if let Some(mut pin) = self.state.pins.get(&key).cloned() {
                 self.sign(&mut pin.directive, now, out);
-                self.state.pins.insert(device.clone(), pin);
-                out.changes.pins.insert(device);
+                self.state.pins.insert(key.clone(), pin);
+                out.changes.pins.insert(key);
             }
+        }
+    }
+
+    /// Re-sign the ring directive stored under `key` as it stands.
+    fn resign_ring(&mut self, key: &str, now: Timestamp, out: &mut Out) {
+        if let Some(mut spec) = self.state.rings.get(key).cloned() {
+            self.sign(&mut spec, now, out);
+            self.state.rings.insert(key.to_owned(), spec);
+            out.changes.rings.insert(key.to_owned());
         }
     }
 
@@ -338,7 +437,7 @@ impl Core {
             fleet: self.cfg.policy.fleet.clone(),
             ring: spec.ring.clone(),
             device: spec.device.clone(),
-            product: None,
+            product: spec.product.clone(),
             rollout_id: spec.rollout_id.clone(),
             sequence: spec.sequence,
             issued_at: spec.issued_at,
@@ -357,19 +456,22 @@ impl Core {
                     .map_or(1, |a| a.attempt),
             },
         };
-        let topic = match &spec.device {
-            Some(device) => self.cfg.topics.device_directive(device),
-            None => self.cfg.topics.ring_directive(&spec.ring),
-        };
+        let topic =
+            self.cfg
+                .topics
+                .directive(&spec.ring, spec.device.as_deref(), spec.product.as_deref());
         out.publish(topic, d.sign(&[&self.cfg.key]).to_vec());
     }
 
-    /// Set and sign a ring's standing directive; a new rollout on the ring retires the
-    /// device directives of its devices.
+    /// A rollout of `product` puts `action` on `ring`: on the product's topic, and on the
+    /// single-product topic, which goes to the newest rollout to publish on the ring whatever
+    /// its product (agents without products take every release they are sent, as before
+    /// products). Each topic keeps its own record and sequence.
     #[allow(clippy::too_many_arguments)]
-    fn set_ring(
+    fn publish_ring(
         &mut self,
         ring: &str,
+        product: &str,
         rollout_id: &str,
         action: Action,
         release_id: Option<String>,
@@ -378,25 +480,84 @@ impl Core {
         now: Timestamp,
         out: &mut Out,
     ) {
-        let prev = self.state.rings.get(ring);
-        let prev_rollout = prev.map(|r| r.rollout_id.clone());
-        let mut spec = RingDirective {
-            ring: ring.into(),
-            device: None,
-            rollout_id: rollout_id.into(),
+        self.set_ring(
+            ring,
+            &[Some(product.to_owned()), None],
+            rollout_id,
             action,
             release_id,
             percent,
             activation,
-            sequence: prev.map_or(0, |r| r.sequence),
-            issued_at: now,
-            expires_at: now,
-        };
-        self.sign(&mut spec, now, out);
-        self.state.rings.insert(ring.into(), spec);
-        out.changes.rings.insert(ring.into());
-        if prev_rollout.as_deref() != Some(rollout_id) {
-            self.retire_pins_of_ring(ring, rollout_id, out);
+            now,
+            out,
+        );
+    }
+
+    /// The products (`None`: the single-product topic) whose standing directive on `ring`
+    /// rollout `r` holds.
+    ///
+    /// The rule for what a rollout may change once it stops (halt, rollback, abort, a policy
+    /// change): its own product's record, which only rollouts of its product ever take; and
+    /// the single-product record only while this rollout is still the one standing there.
+    /// Once another rollout published on the ring (another product's, running at the same
+    /// time), the single-product topic is that rollout's: holding it, or sending it back to
+    /// this product's last good release, would stop or undo a rollout that did not fail.
+    /// This is what a stopping rollout did before products, when the ring had one record.
+    fn held_by(&self, r: &Rollout, ring: &str) -> Vec<Option<String>> {
+        [Some(r.release_name.clone()), None]
+            .into_iter()
+            .filter(|p| {
+                self.state
+                    .rings
+                    .get(&directive_key(ring, p.as_deref()))
+                    .is_some_and(|d| d.rollout_id == r.id)
+            })
+            .collect()
+    }
+
+    /// Set and sign `ring`'s standing directive for each of `products` (`None`: the
+    /// single-product topic); a rollout new on one of them retires the device directives of
+    /// the ring's devices for the same product (or the single-product ones).
+    #[allow(clippy::too_many_arguments)]
+    fn set_ring(
+        &mut self,
+        ring: &str,
+        products: &[Option<String>],
+        rollout_id: &str,
+        action: Action,
+        release_id: Option<String>,
+        percent: Percent,
+        activation: Activation,
+        now: Timestamp,
+        out: &mut Out,
+    ) {
+        let mut moved = Vec::new();
+        for product in products {
+            let key = directive_key(ring, product.as_deref());
+            let prev = self.state.rings.get(&key);
+            if prev.is_none_or(|r| r.rollout_id != rollout_id) {
+                moved.push(product.clone());
+            }
+            let mut spec = RingDirective {
+                ring: ring.into(),
+                device: None,
+                product: product.clone(),
+                rollout_id: rollout_id.into(),
+                action,
+                release_id: release_id.clone(),
+                percent,
+                activation: activation.clone(),
+                // This topic's own last sequence: never another topic's.
+                sequence: prev.map_or(0, |r| r.sequence),
+                issued_at: now,
+                expires_at: now,
+            };
+            self.sign(&mut spec, now, out);
+            self.state.rings.insert(key.clone(), spec);
+            out.changes.rings.insert(key);
+        }
+        if !moved.is_empty() {
+            self.retire_pins_of_ring(ring, &moved, rollout_id, out);
         }
     }
 
@@ -444,9 +605,7 @@ impl Core {
     /// it passed (and whose directive another rollout has taken over since).
     fn percent_on(&self, r: &Rollout, ring: &str) -> Percent {
         self.state
-            .rings
-            .get(ring)
-            .filter(|d| d.rollout_id == r.id)
+            .standing(r, ring)
             .map(|d| d.percent)
             .unwrap_or(Percent::FULL)
     }
@@ -796,12 +955,9 @@ impl Core {
         a.at = now;
         info!(ring, attempt = a.attempt, "retrying failed devices");
         out.changes.rollouts.insert(id.to_owned());
-        if let Some(mut spec) = self.state.rings.get(ring).cloned() {
-            if spec.rollout_id == id {
-                self.sign(&mut spec, now, out);
-                self.state.rings.insert(ring.to_owned(), spec);
-                out.changes.rings.insert(ring.to_owned());
-            }
+        let r = rr.clone();
+        for p in self.held_by(&r, ring) {
+            self.resign_ring(&directive_key(ring, p.as_deref()), now, out);
         }
     }
 
@@ -846,8 +1002,9 @@ impl Core {
             windows: rp.windows.clone(),
             timezone: (!rp.windows.is_empty()).then(|| rp.timezone.clone()),
         };
-        self.set_ring(
+        self.publish_ring(
             &rp.name,
+            &r.release_name,
             &r.id,
             Action::Install,
             Some(r.release_id.clone()),
@@ -892,7 +1049,7 @@ impl Core {
         fleet: &Fleet<'_>,
         out: &mut Out,
     ) {
-        let devices = fleet.ring_devices(&rp.name);
+        let devices = fleet.ring_devices(&rp.name, Some(&r.release_name));
         out.audit(Record::auto(
             "checks_started",
             &r.id,
@@ -1070,10 +1227,11 @@ impl Core {
             (OnFailure::Rollback, Some(to)) => {
                 let rb_id = format!("{}-rollback", r.id);
                 for reached in &r.rings_reached {
-                    let standing = self.state.rings.get(reached).map(|d| d.rollout_id.clone());
-                    if standing.as_deref() == Some(r.id.as_str()) {
+                    let held = self.held_by(r, reached);
+                    if !held.is_empty() {
                         self.set_ring(
                             reached,
+                            &held,
                             &rb_id,
                             Action::Install,
                             Some(to.clone()),
@@ -1122,10 +1280,11 @@ impl Core {
         let mut rings: Vec<String> = r.rings_reached.iter().chain(prestaged).cloned().collect();
         rings.dedup();
         for ring in rings {
-            let standing = self.state.rings.get(&ring).map(|d| d.rollout_id.clone());
-            if standing.as_deref() == Some(r.id.as_str()) {
+            let held = self.held_by(r, &ring);
+            if !held.is_empty() {
                 self.set_ring(
                     &ring,
+                    &held,
                     &r.id,
                     Action::Hold,
                     None,
@@ -1277,7 +1436,9 @@ impl Core {
                 ));
             }
         }
-        let classes = fleet.classes();
+        // The devices that run the product: a device running other products only does not
+        // take it.
+        let classes = fleet.classes(Some(&release.name));
         if !classes.is_empty() && !classes.iter().any(|c| release.is_compatible(c)) {
             return Err(Error::conflict(
                 "incompatible",
@@ -1289,7 +1450,7 @@ impl Core {
             ));
         }
         let mut warnings: Vec<String> = self
-            .undersized_rings(fleet)
+            .undersized_rings(fleet, Some(&release.name))
             .into_iter()
             .map(|(ring, min, known)| {
                 format!(
@@ -1298,8 +1459,13 @@ impl Core {
                 )
             })
             .collect();
-        if classes.is_empty() {
+        if classes.is_empty() && fleet.classes(None).is_empty() {
             warnings.push("no device has reported yet: compatibility not checked".into());
+        } else if classes.is_empty() {
+            warnings.push(format!(
+                "no device runs product {} yet: compatibility not checked",
+                release.name
+            ));
         }
 
         let rec = ReleaseRecord {
@@ -1599,8 +1765,9 @@ impl Core {
                 windows: rp.windows.clone(),
                 timezone: (!rp.windows.is_empty()).then(|| rp.timezone.clone()),
             };
-            self.set_ring(
+            self.publish_ring(
                 &rp.name,
+                &r.release_name,
                 id,
                 Action::Install,
                 Some(r.release_id.clone()),
@@ -1697,25 +1864,28 @@ impl Core {
         self.state.rollouts.insert(id.to_owned(), next.clone());
         out.changes.rollouts.insert(id.to_owned());
         // Rings that activate at the launch get the new time; rings held for their turn stay.
-        let rings: Vec<String> = self
+        // Its product's records and the single-product ones it still holds.
+        let keys: Vec<String> = self
             .state
             .rings
-            .values()
-            .filter(|d| d.rollout_id == id && d.device.is_none() && d.action == Action::Install)
-            .map(|d| d.ring.clone())
+            .iter()
+            .filter(|(_, d)| {
+                d.rollout_id == id && d.device.is_none() && d.action == Action::Install
+            })
+            .map(|(k, _)| k.clone())
             .collect();
-        for ring in rings {
-            let Some(mut spec) = self.state.rings.get(&ring).cloned() else {
+        for key in keys {
+            let Some(mut spec) = self.state.rings.get(&key).cloned() else {
                 continue;
             };
-            let waits_for_turn = !next.rings_reached.contains(&ring);
+            let waits_for_turn = !next.rings_reached.contains(&spec.ring);
             spec.activation.not_before = match at {
                 Some(t) if !waits_for_turn => Some(t),
                 _ => Some(HELD),
             };
             self.sign(&mut spec, now, out);
-            self.state.rings.insert(ring.clone(), spec);
-            out.changes.rings.insert(ring);
+            self.state.rings.insert(key.clone(), spec);
+            out.changes.rings.insert(key);
         }
         Ok(next)
     }
@@ -1738,7 +1908,10 @@ impl Core {
     }
 
     /// Pin `device` to `release_id`: a signed, retained per-device `install` that the agent
-    /// prefers over its ring's directive until unpinned or its ring gets a new rollout.
+    /// prefers over its ring's directive until unpinned or its ring gets a new rollout. It is
+    /// published on the device's topic for the release's product and on its single-product
+    /// topic (as ring directives are), each a record with its own sequence; the reply is the
+    /// product's.
     fn pin(
         &mut self,
         device: &str,
@@ -1750,36 +1923,59 @@ impl Core {
     ) -> Result<DevicePin> {
         let detail = format!("device {device}: pin to {release_id}");
         let checked = self.check_pin(device, release_id, fleet);
-        let (ring, ring_rollout) = match checked {
+        let (ring, product) = match checked {
             Ok(v) => v,
             Err(e) => {
                 out.audit(actor.refused("pin", None, detail, &e));
                 return Err(e);
             }
         };
-        let prev = self.state.pins.get(device).cloned();
-        let issued = prev.as_ref().map_or(0, |p| p.issued) + 1;
+        // Numbered over all of the device's records, so a pin's rollout id is never reused,
+        // whatever product an earlier pin was for.
+        let issued = self
+            .state
+            .pins
+            .values()
+            .filter(|p| p.directive.device.as_deref() == Some(device))
+            .map(|p| p.issued)
+            .max()
+            .unwrap_or(0)
+            + 1;
         let rollout_id = format!("pin-{device}-{issued}");
-        let pin = DevicePin {
+        let record = |p: Option<&str>| DevicePin {
             directive: RingDirective {
                 ring: ring.clone(),
                 device: Some(device.into()),
+                product: p.map(str::to_owned),
                 rollout_id: rollout_id.clone(),
                 action: Action::Install,
                 release_id: Some(release_id.into()),
                 percent: Percent::FULL,
                 activation: Activation::default(),
-                sequence: prev.map_or(0, |p| p.directive.sequence),
+                // This topic's own last sequence.
+                sequence: self
+                    .state
+                    .pins
+                    .get(&directive_key(device, p))
+                    .map_or(0, |x| x.directive.sequence),
                 issued_at: now,
                 expires_at: now,
             },
             by: actor.name.clone(),
             at: now,
-            ring_rollout,
+            // What stands on the ring for the same topic kind: only a new rollout there ends
+            // this record.
+            ring_rollout: self
+                .state
+                .rings
+                .get(&directive_key(&ring, p))
+                .map(|d| d.rollout_id.clone()),
             issued,
             ended: None,
         };
-        let pin = self.set_pin(pin, now, out);
+        let (mine, single) = (record(Some(&product)), record(None));
+        let pin = self.set_pin(mine, now, out);
+        self.set_pin(single, now, out);
         out.audit(actor.record("pin", Some(&rollout_id), Some(&ring), detail));
         info!(%device, release = %release_id, %rollout_id, "device pinned");
         Ok(pin)
@@ -1790,7 +1986,7 @@ impl Core {
         device: &str,
         release_id: &str,
         fleet: &Fleet<'_>,
-    ) -> Result<(String, Option<String>)> {
+    ) -> Result<(String, String)> {
         let facts = fleet.device(device).ok_or_else(|| Error::NotFound {
             what: "device",
             id: device.into(),
@@ -1820,42 +2016,53 @@ impl Core {
                 ),
             ));
         }
-        let ring_rollout = self
-            .state
-            .rings
-            .get(&facts.ring)
-            .map(|d| d.rollout_id.clone());
-        Ok((facts.ring, ring_rollout))
+        // A device running several products hears only the topics of those it runs.
+        let product = rel.release.name.clone();
+        if !facts.runs(&product) {
+            return Err(Error::conflict(
+                "incompatible",
+                format!("device {device} does not run product {product}"),
+            ));
+        }
+        Ok((facts.ring, product))
     }
 
-    /// End `device`'s pin with a per-device `hold`.
+    /// End `device`'s pin for `product` with a per-device `hold` (and the single-product
+    /// record of the same pin with it). Without a product: the device's one standing pin.
     fn unpin(
         &mut self,
         device: &str,
+        product: Option<&str>,
         actor: &Actor,
         now: Timestamp,
         fleet: &Fleet<'_>,
         out: &mut Out,
     ) -> Result<DevicePin> {
-        let detail = format!("device {device}: unpin");
-        let pin = match self.state.pins.get(device).cloned() {
-            Some(p) if p.pinned_release().is_some() => p,
-            other => {
-                let e = if other.is_none() && fleet.device(device).is_none() {
-                    Error::NotFound {
-                        what: "device",
-                        id: device.into(),
-                    }
-                } else {
-                    Error::conflict("not_pinned", format!("device {device} is not pinned"))
-                };
+        let detail = match product {
+            Some(p) => format!("device {device}: unpin {p}"),
+            None => format!("device {device}: unpin"),
+        };
+        let found = self.pin_to_end(device, product, fleet);
+        let pin = match found {
+            Ok(p) => p,
+            Err(e) => {
                 out.audit(actor.refused("unpin", None, detail, &e));
                 return Err(e);
             }
         };
         let released = pin.pinned_release().unwrap_or_default().to_owned();
         let (rollout_id, ring) = (pin.directive.rollout_id.clone(), pin.directive.ring.clone());
+        let single = self
+            .state
+            .pins
+            .get(device)
+            .filter(|l| pin.directive.product.is_some() && l.directive.rollout_id == rollout_id)
+            .filter(|l| l.pinned_release().is_some())
+            .cloned();
         let ended = self.end_pin(pin, &actor.name, "unpinned".into(), now, out);
+        if let Some(l) = single {
+            self.end_pin(l, &actor.name, "unpinned".into(), now, out);
+        }
         out.audit(actor.record(
             "unpin",
             Some(&rollout_id),
@@ -1864,6 +2071,64 @@ impl Core {
         ));
         info!(%device, %rollout_id, "device unpinned");
         Ok(ended)
+    }
+
+    /// The standing pin an unpin of `device` (for `product`, or its only one) ends.
+    fn pin_to_end(
+        &self,
+        device: &str,
+        product: Option<&str>,
+        fleet: &Fleet<'_>,
+    ) -> Result<DevicePin> {
+        let standing: Vec<&DevicePin> = self
+            .state
+            .pins
+            .values()
+            .filter(|p| p.directive.device.as_deref() == Some(device))
+            .filter(|p| p.pinned_release().is_some())
+            .collect();
+        let of = |p: Option<&str>| {
+            standing
+                .iter()
+                .find(|x| x.directive.product.as_deref() == p)
+                .map(|x| (*x).clone())
+        };
+        let products: Vec<&str> = standing
+            .iter()
+            .filter_map(|p| p.directive.product.as_deref())
+            .collect();
+        let found = match (product, products.as_slice()) {
+            (Some(p), _) => of(Some(p)),
+            (None, [one]) => of(Some(one)),
+            // Persisted before products: only the single-product record.
+            (None, []) => of(None),
+            (None, many) => {
+                return Err(Error::conflict(
+                    "pin_ambiguous",
+                    format!(
+                        "device {device} is pinned for products {}: name the one to unpin",
+                        many.join(", ")
+                    ),
+                ))
+            }
+        };
+        found.ok_or_else(|| {
+            let known = fleet.device(device).is_some()
+                || self
+                    .state
+                    .pins
+                    .values()
+                    .any(|p| p.directive.device.as_deref() == Some(device));
+            if known {
+                let what = product.map(|p| format!(" for {p}")).unwrap_or_default();
+                Error::conflict("not_pinned", format!("device {device} is not pinned{what}"))
+            } else {
+                Error::NotFound {
+                    what: "device",
+                    id: device.into(),
+                }
+            }
+        })
     }
 
     /// Replace a pin's directive with a `hold` (same rollout id: it ends that pin).
@@ -1886,31 +2151,50 @@ impl Core {
     /// Sign a device's directive and keep it standing (persisted before it is published).
     fn set_pin(&mut self, mut pin: DevicePin, now: Timestamp, out: &mut Out) -> DevicePin {
         self.sign(&mut pin.directive, now, out);
-        let device = pin.directive.device.clone().unwrap_or_default();
-        self.state.pins.insert(device.clone(), pin.clone());
-        out.changes.pins.insert(device);
+        let key = pin.directive.key();
+        self.state.pins.insert(key.clone(), pin.clone());
+        out.changes.pins.insert(key);
         pin
     }
 
     /// A ring directive for a new rollout ends the pins of that ring's devices on the devices
-    /// themselves (agent rule), so every device directive of the ring (a standing pin, or the
-    /// hold an unpin left) has nothing more to say: it is deleted (persisted first) and its
-    /// retained message cleared, so neither a re-signing nor a restart brings it back.
-    fn retire_pins_of_ring(&mut self, ring: &str, rollout_id: &str, out: &mut Out) {
-        let ending: Vec<DevicePin> = self
+    /// themselves (agent rule, per product: a product's ring directive ends that product's
+    /// pin, the single-product ring directive the single-product pin), so every device
+    /// directive of the ring for `products` (a standing pin, or the hold an unpin left) has
+    /// nothing more to say: it is deleted (persisted first) and its retained message cleared,
+    /// so neither a re-signing nor a restart brings it back. Pins of other products stay.
+    fn retire_pins_of_ring(
+        &mut self,
+        ring: &str,
+        products: &[Option<String>],
+        rollout_id: &str,
+        out: &mut Out,
+    ) {
+        let ending: Vec<(String, DevicePin)> = self
             .state
             .pins
-            .values()
-            .filter(|p| p.directive.ring == ring)
-            .filter(|p| p.ring_rollout.as_deref() != Some(rollout_id))
-            .cloned()
+            .iter()
+            .filter(|(_, p)| p.directive.ring == ring && products.contains(&p.directive.product))
+            .filter(|(_, p)| p.ring_rollout.as_deref() != Some(rollout_id))
+            .map(|(k, p)| (k.clone(), p.clone()))
             .collect();
-        for pin in ending {
+        // One audit entry per pin, though it may end on two topics (its product's and the
+        // single-product one).
+        let mut told: Vec<String> = Vec::new();
+        for (key, pin) in ending {
             let device = pin.directive.device.clone().unwrap_or_default();
             let pin_id = pin.directive.rollout_id.clone();
-            self.state.pins.remove(&device);
-            out.changes.pins.insert(device.clone());
-            out.publish(self.cfg.topics.device_directive(&device), Vec::new());
+            self.state.pins.remove(&key);
+            out.changes.pins.insert(key);
+            let topic =
+                self.cfg
+                    .topics
+                    .directive(ring, Some(&device), pin.directive.product.as_deref());
+            out.publish(topic, Vec::new());
+            if told.contains(&pin_id) {
+                continue;
+            }
+            told.push(pin_id.clone());
             let why = format!("ring {ring} got rollout {rollout_id}");
             let (action, detail) = match pin.pinned_release() {
                 Some(release) => (

@@ -70,6 +70,8 @@ pub enum Input {
     Unpin {
         /// Device.
         device: String,
+        /// The product whose pin ends (`None`: the device's only standing pin).
+        product: Option<String>,
         /// Who.
         actor: Actor,
     },
@@ -122,9 +124,9 @@ pub struct Changes {
     pub releases: BTreeSet<String>,
     /// Rollouts by id.
     pub rollouts: BTreeSet<String>,
-    /// Ring directives by ring.
+    /// Ring directives by key ([`crate::model::directive_key`]).
     pub rings: BTreeSet<String>,
-    /// Device directives by device (written, or deleted when no longer standing).
+    /// Device directives by key (written, or deleted when no longer standing).
     pub pins: BTreeSet<String>,
     /// The last completed release per name.
     pub last_good: bool,

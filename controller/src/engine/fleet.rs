@@ -48,6 +48,16 @@ pub struct DeviceFacts {
     pub ring: String,
     /// Device class.
     pub class: String,
+    /// The products it runs, when it reports several; empty for an agent without products,
+    /// which takes releases of every name.
+    pub products: BTreeSet<String>,
+}
+
+impl DeviceFacts {
+    /// Whether releases named `product` are for it.
+    pub fn runs(&self, product: &str) -> bool {
+        self.products.is_empty() || self.products.contains(product)
+    }
 }
 
 /// The fleet as one decision sees it.
@@ -103,11 +113,21 @@ impl<'a> Fleet<'a> {
         )
     }
 
-    /// Every known device of `ring`, by id.
-    pub fn ring_devices(&self, ring: &str) -> Vec<String> {
+    /// Reports of the devices that run `product` (every reported device for `None`). A
+    /// device's ring and class are the same in every product's view, so they are read from the
+    /// report itself: nothing is copied.
+    fn running<'b>(&'b self, product: Option<&'b str>) -> impl Iterator<Item = &'b DeviceRecord> {
+        self.devices.values().filter(move |d| {
+            d.report.as_ref().is_some_and(|r| {
+                product.is_none_or(|p| !r.is_multi_product() || r.products.contains_key(p))
+            })
+        })
+    }
+
+    /// Every known device of `ring` that runs `product` (`None`: every one), by id.
+    pub fn ring_devices(&self, ring: &str, product: Option<&str>) -> Vec<String> {
         let mut v: Vec<String> = self
-            .devices
-            .values()
+            .running(product)
             .filter(|d| d.report.as_ref().is_some_and(|r| r.ring == ring))
             .map(|d| d.id.clone())
             .collect();
@@ -115,52 +135,52 @@ impl<'a> Fleet<'a> {
         v
     }
 
-    /// Known devices per ring.
-    pub fn ring_sizes(&self) -> BTreeMap<String, u32> {
+    /// Known devices per ring that run `product` (`None`: every known device).
+    pub fn ring_sizes(&self, product: Option<&str>) -> BTreeMap<String, u32> {
         let mut m = BTreeMap::new();
-        for r in self.devices.values().filter_map(|d| d.report.as_ref()) {
+        for r in self.running(product).filter_map(|d| d.report.as_ref()) {
             *m.entry(r.ring.clone()).or_insert(0) += 1;
         }
         m
     }
 
-    /// Device classes the fleet's devices report.
-    pub fn classes(&self) -> BTreeSet<String> {
-        self.devices
-            .values()
+    /// Device classes the fleet's devices that run `product` report (`None`: every device).
+    pub fn classes(&self, product: Option<&str>) -> BTreeSet<String> {
+        self.running(product)
             .filter_map(|d| d.report.as_ref().map(|r| r.device_class.clone()))
             .collect()
     }
 
-    /// A device's ring and class, if it ever reported.
+    /// A device's ring, class and products, if it ever reported.
     pub fn device(&self, id: &str) -> Option<DeviceFacts> {
         let r = self.devices.get(id)?.report.as_ref()?;
         Some(DeviceFacts {
             ring: r.ring.clone(),
             class: r.device_class.clone(),
+            products: r.products.keys().cloned().collect(),
         })
     }
 
     /// What the devices of `ring` that failed `rollout` say about why (at most
     /// [`MAX_EVIDENCE`], by id): each one's newest `reverted` or `install_failed` event for
-    /// the rollout, falling back to its report's `last_error`.
+    /// the rollout, falling back to its report's `last_error` (for the rollout's product).
     pub fn failure_evidence(&self, rollout: &Rollout, ring: &str) -> Vec<FailureEvidence> {
-        let mut failing: Vec<&DeviceRecord> = self
+        let mut failing: Vec<(&DeviceRecord, Option<ringcast_proto::report::ErrorInfo>)> = self
             .devices
             .values()
-            .filter(|d| {
-                d.report.as_ref().is_some_and(|rep| {
-                    let ours = rep.target.as_ref().is_none_or(|x| {
-                        x.name == rollout.release_name && x.sequence == rollout.release_sequence
-                    });
-                    rep.ring == ring
-                        && rep.rollout_id.as_deref() == Some(rollout.id.as_str())
-                        && rep.phase.is_failure()
-                        && ours
-                })
+            .filter_map(|d| {
+                let rep = d.report_for(&rollout.release_name)?;
+                let ours = rep.target.as_ref().is_none_or(|x| {
+                    x.name == rollout.release_name && x.sequence == rollout.release_sequence
+                });
+                (rep.ring == ring
+                    && rep.rollout_id.as_deref() == Some(rollout.id.as_str())
+                    && rep.phase.is_failure()
+                    && ours)
+                    .then(|| (d, rep.last_error.clone()))
             })
             .collect();
-        failing.sort_by(|a, b| a.id.cmp(&b.id));
+        failing.sort_by(|a, b| a.0.id.cmp(&b.0.id));
         failing.truncate(MAX_EVIDENCE);
         let concerns = |e: &Event| {
             matches!(
@@ -173,13 +193,9 @@ impl<'a> Fleet<'a> {
         };
         failing
             .into_iter()
-            .map(|d| {
+            .map(|(d, last_error)| {
                 let event = self.events.newest(&d.id, &concerns);
-                FailureEvidence::from_device(
-                    &d.id,
-                    event.as_ref(),
-                    d.report.as_ref().and_then(|r| r.last_error.as_ref()),
-                )
+                FailureEvidence::from_device(&d.id, event.as_ref(), last_error.as_ref())
             })
             .collect()
     }
@@ -197,7 +213,7 @@ impl<'a> Fleet<'a> {
             .values()
             .filter(|d| in_ramp(&rollout.id, &d.id, percent))
             .filter_map(|d| {
-                let rep = d.report.as_ref()?;
+                let rep = d.report_for(&rollout.release_name)?;
                 let refusal = rep.refused.as_ref()?;
                 (rep.ring == ring && refusal.rollout_id == rollout.id).then(|| {
                     FailureEvidence::refusal(&d.id, refusal.reason.code(), &refusal.detail)

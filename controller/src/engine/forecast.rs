@@ -28,9 +28,10 @@ use crate::config::{Policy, Promotion, RingPolicy};
 use crate::engine::EngineState;
 use crate::model::{DeviceRecord, EventEntry, Rollout, RolloutState, Stage};
 use jiff::{SignedDuration, Timestamp};
-use ringcast_proto::{in_ramp, EventKind, Percent, Phase, Release, Schedule};
+use ringcast_proto::{in_ramp, EventKind, Percent, Phase, Release, Schedule, StateReport};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 
 /// Download time assumed while nothing has been measured (no device finished a rollout of
 /// the release's name yet): a few megabytes over a slow link.
@@ -308,12 +309,20 @@ pub struct Forecast {
     /// One per live rollout, oldest first.
     pub rollouts: Vec<RolloutForecast>,
     devices: HashMap<String, Prediction>,
+    /// Devices running several products: per product, its newest live rollout's prediction.
+    products: HashMap<String, BTreeMap<String, Prediction>>,
 }
 
 impl Forecast {
     /// The prediction for `device` (for the newest live rollout whose release it can take).
     pub fn device(&self, device: &str) -> Option<&Prediction> {
         self.devices.get(device)
+    }
+
+    /// For a device running several products, the prediction for `product` (its newest
+    /// live rollout of that name).
+    pub fn device_product(&self, device: &str, product: &str) -> Option<&Prediction> {
+        self.products.get(device)?.get(product)
     }
 }
 
@@ -351,56 +360,142 @@ pub fn forecast(
         .filter_map(|r| st.releases.get(&r.release_id).map(|rel| (r, &rel.release)))
         .collect();
     live.sort_by_key(|(r, _)| (r.created_at, r.id.clone()));
-    let mut by_ring: HashMap<&str, Vec<&DeviceRecord>> = HashMap::new();
-    for d in fleet.devices.values() {
-        if let Some(rep) = &d.report {
-            by_ring.entry(rep.ring.as_str()).or_default().push(d);
-        }
-    }
-    for v in by_ring.values_mut() {
-        v.sort_by(|a, b| a.id.cmp(&b.id));
+    // The fleet as each product's rollouts see it, built once per product.
+    let mut tables: HashMap<&str, ByRing<'_>> = HashMap::new();
+    for (r, _) in &live {
+        tables
+            .entry(r.release_name.as_str())
+            .or_insert_with(|| by_ring(fleet.devices, &r.release_name));
     }
     let mut out = Forecast::default();
     let mut per_rollout: Vec<HashMap<String, Prediction>> = Vec::new();
     for (r, rel) in &live {
         let m = measure(policy, st, r, rel, fleet);
-        let (rf, devices) = Walk::new(policy, st, r, rel, &m, &by_ring, now).run();
+        let Some(table) = tables.get(r.release_name.as_str()) else {
+            continue;
+        };
+        let (rf, devices) = Walk::new(policy, st, r, rel, &m, table, now).run();
         out.rollouts.push(rf);
         per_rollout.push(devices);
     }
-    // Each device gets the newest live rollout of a release it can take.
+    // Each device gets the newest live rollout of a release it can take; a device running
+    // several products also gets one per product.
     for d in fleet.devices.values() {
-        let Some(rep) = &d.report else { continue };
-        let newest = live
-            .iter()
-            .enumerate()
-            .rev()
-            .find(|(_, (_, rel))| rel.is_compatible(&rep.device_class));
-        let Some((i, (r, rel))) = newest else {
-            continue;
-        };
-        let p = if let Some(pinned) = st.pins.get(&d.id).and_then(|p| p.pinned_release()) {
-            Prediction {
-                rollout_id: r.id.clone(),
-                at: None,
-                step: None,
-                note: format!("pinned to {pinned}: follows its ring again after an unpin"),
-                ring: Some(rep.ring.clone()),
-                published_at: None,
-                activates_at: None,
-                waits_for: Some("pin".into()),
+        let Some(report) = &d.report else { continue };
+        let mut top: Option<(usize, Prediction)> = None;
+        let mut per_product: BTreeMap<String, Prediction> = BTreeMap::new();
+        for (i, (r, rel)) in live.iter().enumerate().rev() {
+            if report.is_multi_product() && per_product.contains_key(&r.release_name) {
+                continue;
             }
-        } else if runs(rep, rel) && rep.rollout_id.as_deref() != Some(r.id.as_str()) {
-            bare(r, &rep.ring, "already runs this release")
-        } else {
-            match per_rollout.get(i).and_then(|m| m.get(&d.id)) {
-                Some(p) => p.clone(),
-                None => bare(r, &rep.ring, "the device's ring is not in the policy"),
+            let Some(rep) = d.report_for(&r.release_name) else {
+                continue;
+            };
+            if !rel.is_compatible(&rep.device_class) {
+                continue;
             }
-        };
-        out.devices.insert(d.id.clone(), p);
+            let p = predict(st, d, &rep, r, rel, per_rollout.get(i));
+            if top.is_none() {
+                top = Some((i, p.clone()));
+            }
+            if !report.is_multi_product() {
+                break;
+            }
+            per_product.insert(r.release_name.clone(), p);
+        }
+        if let Some((_, p)) = top {
+            out.devices.insert(d.id.clone(), p);
+        }
+        if !per_product.is_empty() {
+            out.products.insert(d.id.clone(), per_product);
+        }
     }
     out
+}
+
+/// One device as the rollouts of one product see it: its id, when it was last heard, and its
+/// report for that product (borrowed from an agent without products).
+struct Dev<'a> {
+    id: &'a str,
+    last_seen: Timestamp,
+    report: Option<Cow<'a, StateReport>>,
+    /// Whether the agent runs several products (a pin decides per product then).
+    multi: bool,
+}
+
+/// The devices that run one product, by ring, sorted by id.
+type ByRing<'a> = HashMap<&'a str, Vec<Dev<'a>>>;
+
+fn by_ring<'a>(devices: &'a HashMap<String, DeviceRecord>, product: &str) -> ByRing<'a> {
+    let mut m: ByRing<'a> = HashMap::new();
+    for d in devices.values() {
+        let (Some(full), Some(rep)) = (&d.report, d.report_for(product)) else {
+            continue;
+        };
+        m.entry(full.ring.as_str()).or_default().push(Dev {
+            id: &d.id,
+            last_seen: d.last_seen,
+            report: Some(rep),
+            multi: full.is_multi_product(),
+        });
+    }
+    for v in m.values_mut() {
+        v.sort_by(|a, b| a.id.cmp(b.id));
+    }
+    m
+}
+
+/// The pin that decides for `device` what it runs of `product`: an agent without products
+/// prefers any pin of its own over its ring's directive; one running several, its pin for
+/// that product.
+fn deciding_pin<'s>(
+    st: &'s EngineState,
+    device: &str,
+    product: &str,
+    multi: bool,
+) -> Option<&'s crate::model::DevicePin> {
+    if multi {
+        st.pin_of(device, product)
+    } else {
+        st.pins
+            .get(device)
+            .filter(|p| p.pinned_release().is_some())
+            .or_else(|| st.pin_of(device, product))
+    }
+}
+
+/// Device `d`'s prediction for rollout `r` of `rel`, with `rep` its report for the product
+/// and `walked` the rollout's walk.
+fn predict(
+    st: &EngineState,
+    d: &DeviceRecord,
+    rep: &StateReport,
+    r: &Rollout,
+    rel: &Release,
+    walked: Option<&HashMap<String, Prediction>>,
+) -> Prediction {
+    let multi = d.report.as_ref().is_some_and(|x| x.is_multi_product());
+    if let Some(pinned) =
+        deciding_pin(st, &d.id, &r.release_name, multi).and_then(|p| p.pinned_release())
+    {
+        Prediction {
+            rollout_id: r.id.clone(),
+            at: None,
+            step: None,
+            note: format!("pinned to {pinned}: follows its ring again after an unpin"),
+            ring: Some(rep.ring.clone()),
+            published_at: None,
+            activates_at: None,
+            waits_for: Some("pin".into()),
+        }
+    } else if runs(rep, rel) && rep.rollout_id.as_deref() != Some(r.id.as_str()) {
+        bare(r, &rep.ring, "already runs this release")
+    } else {
+        match walked.and_then(|m| m.get(&d.id)) {
+            Some(p) => p.clone(),
+            None => bare(r, &rep.ring, "the device's ring is not in the policy"),
+        }
+    }
 }
 
 fn bare(r: &Rollout, ring: &str, note: &str) -> Prediction {
@@ -567,7 +662,7 @@ pub fn measure(
         .devices
         .values()
         .filter_map(|d| {
-            let rep = d.report.as_ref()?;
+            let rep = d.report_for(&rel.name)?;
             let mine = rep.rollout_id.as_deref() == Some(r.id.as_str());
             let knows = mine
                 || last.is_some_and(|l| rep.rollout_id.as_deref() == Some(l.id.as_str()))
@@ -593,7 +688,9 @@ pub fn measure(
     let mut own: Vec<Sample> = Vec::new();
     let mut prev: Vec<Sample> = Vec::new();
     for (_, d) in candidates {
-        let Some(rep) = &d.report else { continue };
+        let Some(rep) = d.report_for(&rel.name) else {
+            continue;
+        };
         let mut events = fleet.history.kept(&d.id);
         if events.is_empty() {
             continue;
@@ -604,7 +701,7 @@ pub fn measure(
             .ring(&rep.ring)
             .map(RingPolicy::schedule)
             .unwrap_or_else(Schedule::always);
-        let dev = device_schedule(rep);
+        let dev = device_schedule(&rep);
         let schedules = [&ring, &dev];
         own.push(sample(&refs, r, &schedules, probation_of(r)));
         if let Some(l) = last {
@@ -673,7 +770,7 @@ enum Progress {
     Refused,
 }
 
-fn progress(d: &DeviceRecord, r: &Rollout) -> Progress {
+fn progress(d: &Dev<'_>, r: &Rollout) -> Progress {
     let Some(rep) = &d.report else {
         return Progress::NotStarted;
     };
@@ -723,7 +820,7 @@ struct Walk<'a> {
     rel: &'a Release,
     m: &'a Measured,
     t: Timings,
-    by_ring: &'a HashMap<&'a str, Vec<&'a DeviceRecord>>,
+    by_ring: &'a ByRing<'a>,
     st: &'a EngineState,
     now: Timestamp,
     steps: Vec<StepForecast>,
@@ -741,7 +838,7 @@ impl<'a> Walk<'a> {
         r: &'a Rollout,
         rel: &'a Release,
         m: &'a Measured,
-        by_ring: &'a HashMap<&'a str, Vec<&'a DeviceRecord>>,
+        by_ring: &'a ByRing<'a>,
         now: Timestamp,
     ) -> Walk<'a> {
         let probation = rel.health.probation.signed() + secs_dur(m.commit_lag.secs);
@@ -775,7 +872,7 @@ impl<'a> Walk<'a> {
 
     /// The ring's devices that can take the release, each with the first step whose ramp
     /// includes it (`None`: in no ramp of the ring).
-    fn entries(&self, rp: &RingPolicy) -> Vec<(&'a DeviceRecord, Option<usize>)> {
+    fn entries(&self, rp: &RingPolicy) -> Vec<(&'a Dev<'a>, Option<usize>)> {
         self.by_ring
             .get(rp.name.as_str())
             .map(|v| {
@@ -786,8 +883,8 @@ impl<'a> Walk<'a> {
                             .is_some_and(|rep| self.rel.is_compatible(&rep.device_class))
                     })
                     .map(|d| {
-                        let entry = rp.steps.iter().position(|p| in_ramp(&self.r.id, &d.id, *p));
-                        (*d, entry)
+                        let entry = rp.steps.iter().position(|p| in_ramp(&self.r.id, d.id, *p));
+                        (d, entry)
                     })
                     .collect()
             })
@@ -795,7 +892,7 @@ impl<'a> Walk<'a> {
     }
 
     /// Forecast device `d` whose step was (or will be) published at `published`.
-    fn plan(&self, d: &DeviceRecord, rp: &RingPolicy, step: usize, published: Timestamp) -> Plan {
+    fn plan(&self, d: &Dev<'_>, rp: &RingPolicy, step: usize, published: Timestamp) -> Plan {
         let now = self.now;
         let mut plan = Plan {
             step,
@@ -900,7 +997,7 @@ impl<'a> Walk<'a> {
         let mut out = HashMap::new();
         for rp in &self.policy.rings {
             for (d, entry) in self.entries(rp) {
-                let p = match (self.plans.get(&d.id), entry) {
+                let p = match (self.plans.get(d.id), entry) {
                     (Some(plan), _) => Prediction {
                         rollout_id: self.r.id.clone(),
                         at: plan.commits,
@@ -921,7 +1018,7 @@ impl<'a> Walk<'a> {
                         None => bare(self.r, &rp.name, "not forecast"),
                     },
                 };
-                out.insert(d.id.clone(), p);
+                out.insert(d.id.to_owned(), p);
             }
         }
         (rf, out)
@@ -1084,12 +1181,12 @@ impl<'a> Walk<'a> {
         rp: &RingPolicy,
         step: usize,
         published: Timestamp,
-        entries: &[(&DeviceRecord, Option<usize>)],
+        entries: &[(&Dev<'_>, Option<usize>)],
     ) {
         for (d, entry) in entries {
             if *entry == Some(step) {
                 let plan = self.plan(d, rp, step, published);
-                self.plans.insert(d.id.clone(), plan);
+                self.plans.insert(d.id.to_owned(), plan);
             }
         }
     }
@@ -1102,14 +1199,14 @@ impl<'a> Walk<'a> {
             return Ok(published);
         };
         let last_step = step + 1 == rp.steps.len();
-        let ring_devices: &[&DeviceRecord] = self
+        let ring_devices: &[Dev<'_>] = self
             .by_ring
             .get(rp.name.as_str())
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let in_ramp_all: Vec<&&DeviceRecord> = ring_devices
+        let in_ramp_all: Vec<&Dev<'_>> = ring_devices
             .iter()
-            .filter(|d| in_ramp(&self.r.id, &d.id, percent))
+            .filter(|d| in_ramp(&self.r.id, d.id, percent))
             .collect();
         let count = u32::try_from(in_ramp_all.len()).unwrap_or(u32::MAX);
         let needed = if last_step {
@@ -1117,16 +1214,12 @@ impl<'a> Walk<'a> {
         } else {
             rp.gate.min_reports.min(count)
         };
-        let pinned = |id: &str| {
-            self.st
-                .pins
-                .get(id)
-                .is_some_and(|p| p.pinned_release().is_some())
-        };
+        let pinned =
+            |d: &Dev<'_>| deciding_pin(self.st, d.id, &self.r.release_name, d.multi).is_some();
         let mut commits: Vec<Timestamp> = in_ramp_all
             .iter()
-            .filter(|d| !pinned(&d.id))
-            .filter_map(|d| self.plans.get(&d.id).and_then(|p| p.commits))
+            .filter(|d| !pinned(d))
+            .filter_map(|d| self.plans.get(d.id).and_then(|p| p.commits))
             .collect();
         commits.sort();
         let gate = if needed == 0 {

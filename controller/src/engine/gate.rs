@@ -5,6 +5,11 @@
 //! `unresponsive_after` is `unresponsive`; a device that refused the rollout's directive is
 //! `refused`, never pending; a device whose defer hook said "not now" is `deferred`: not a
 //! failure, not a success, and not pending either.
+//!
+//! A rollout's population is the devices that run its product (its release name): each is
+//! counted through its report for that product ([`DeviceRecord::report_for`]), so a device
+//! running several products is counted in each product's rollouts by that product's state
+//! alone, and not at all in the rollouts of a product it does not run.
 
 use crate::config::RingPolicy;
 use crate::model::{DeviceRecord, Rollout, Tally};
@@ -29,7 +34,9 @@ pub fn tally(
 ) -> Tally {
     let mut t = Tally::default();
     for d in devices.values() {
-        let Some(r) = &d.report else { continue };
+        let Some(r) = d.report_for(&rollout.release_name) else {
+            continue;
+        };
         if r.ring != ring {
             continue;
         }
@@ -79,7 +86,7 @@ pub fn failed_at(
 ) -> u32 {
     let n = devices
         .values()
-        .filter_map(|d| d.report.as_ref().map(|r| (d, r)))
+        .filter_map(|d| d.report_for(&rollout.release_name).map(|r| (d, r)))
         .filter(|(d, r)| {
             r.ring == ring
                 && in_ramp(&rollout.id, &d.id, percent)

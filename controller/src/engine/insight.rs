@@ -29,8 +29,11 @@ pub fn coverage(
     release: &Release,
 ) -> Coverage {
     let mut c = Coverage::default();
+    // The fleet of a release is the devices that run its product.
     for d in devices.values() {
-        let Some(rep) = &d.report else { continue };
+        let Some(rep) = d.report_for(&release.name) else {
+            continue;
+        };
         if !release.is_compatible(&rep.device_class) {
             continue;
         }

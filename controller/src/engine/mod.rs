@@ -38,7 +38,7 @@ pub use halt::{halt_reason, FailureCause, FailureEvidence, HALT_OUTPUT_CHARS};
 
 use crate::audit::Record;
 use crate::error::{Error, Result};
-use crate::model::{DevicePin, ReleaseRecord, RingDirective, Rollout};
+use crate::model::{directive_key, DevicePin, ReleaseRecord, RingDirective, Rollout};
 use crate::shared::Shared;
 use effects::{Input, Reply};
 use jiff::Timestamp;
@@ -138,12 +138,65 @@ pub struct EngineState {
     pub releases: BTreeMap<String, ReleaseRecord>,
     /// Rollouts by id.
     pub rollouts: BTreeMap<String, Rollout>,
-    /// Standing ring directives by ring name.
+    /// Standing ring directives by [`crate::model::directive_key`]: per ring, one for each
+    /// product (release name) a rollout took there, on that product's topic (key
+    /// `{ring}/{product}`), and the single-product one (key `{ring}`), which the newest
+    /// rollout to publish on the ring holds, whatever its product (see [`core`]).
     pub rings: BTreeMap<String, RingDirective>,
-    /// Standing per-device directives (pins, and the holds that ended them) by device id.
+    /// Standing per-device directives (pins, and the holds that ended them), keyed the same
+    /// way by device: `{device}/{product}` and the single-product `{device}`.
     pub pins: BTreeMap<String, DevicePin>,
     /// Last completed release id per release name (rollback target).
     pub last_good: BTreeMap<String, String>,
+}
+
+impl EngineState {
+    /// The ring directive rollout `r` stands in on `ring`: its product's, or (a record
+    /// persisted before products) the single-product one, while `r` holds it.
+    pub fn standing(&self, r: &Rollout, ring: &str) -> Option<&RingDirective> {
+        [Some(r.release_name.as_str()), None]
+            .into_iter()
+            .find_map(|p| {
+                self.rings
+                    .get(&directive_key(ring, p))
+                    .filter(|d| d.rollout_id == r.id)
+            })
+    }
+
+    /// The pin standing on `device` for releases named `product`: its product record, or
+    /// (persisted before products) a single-product pin to a release of that name.
+    pub fn pin_of(&self, device: &str, product: &str) -> Option<&DevicePin> {
+        let named = |p: &&DevicePin| {
+            p.pinned_release()
+                .and_then(|id| self.releases.get(id))
+                .is_some_and(|r| r.release.name == product)
+        };
+        self.pins
+            .get(&directive_key(device, Some(product)))
+            .filter(|p| p.pinned_release().is_some())
+            .or_else(|| self.pins.get(device).filter(named))
+    }
+
+    /// The pins standing on `device`, one per product (its product records; a
+    /// single-product pin only when no product record stands beside it, as persisted before
+    /// products).
+    pub fn pins_of(&self, device: &str) -> Vec<&DevicePin> {
+        let mut v: Vec<&DevicePin> = self
+            .pins
+            .range(format!("{device}/")..)
+            .take_while(|(k, _)| k.starts_with(&format!("{device}/")))
+            .map(|(_, p)| p)
+            .filter(|p| p.pinned_release().is_some())
+            .collect();
+        if v.is_empty() {
+            v.extend(
+                self.pins
+                    .get(device)
+                    .filter(|p| p.pinned_release().is_some()),
+            );
+        }
+        v
+    }
 }
 
 /// The engine's state as last persisted, for readers: the actor replaces it after every
@@ -287,9 +340,21 @@ impl EngineHandle {
         }
     }
 
-    /// End `device`'s pin.
-    pub async fn unpin(&self, device: String, actor: Actor) -> Result<DevicePin> {
-        match self.call(Input::Unpin { device, actor }).await? {
+    /// End `device`'s pin (for `product`; `None`: its only standing one).
+    pub async fn unpin(
+        &self,
+        device: String,
+        product: Option<String>,
+        actor: Actor,
+    ) -> Result<DevicePin> {
+        match self
+            .call(Input::Unpin {
+                device,
+                product,
+                actor,
+            })
+            .await?
+        {
             Reply::Pin(p) => Ok(p),
             other => Err(unexpected(other)),
         }
@@ -324,15 +389,13 @@ pub fn load_state(store: &crate::store::Store) -> Result<EngineState> {
             .into_iter()
             .map(|r| (r.id.clone(), r))
             .collect(),
-        rings: store
-            .rings()?
-            .into_iter()
-            .map(|r| (r.ring.clone(), r))
-            .collect(),
+        // Records persisted before products have none: they load as the single-product ones.
+        rings: store.rings()?.into_iter().map(|r| (r.key(), r)).collect(),
         pins: store
             .pins()?
             .into_iter()
-            .filter_map(|p| Some((p.directive.device.clone()?, p)))
+            .filter(|p| p.directive.device.is_some())
+            .map(|p| (p.directive.key(), p))
             .collect(),
         last_good: store.meta("last_good")?.unwrap_or_default(),
     })
