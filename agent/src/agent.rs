@@ -1206,15 +1206,25 @@ impl Worker {
                 (Action::Hold, _) | (Action::Install, None) => Ask::Hold,
                 (Action::Install, Some(release)) => Ask::Install {
                     release,
+                    // In the ramp, or in the ramp that may stage ahead of its step.
                     in_ramp: *origin == Origin::Device
                         || in_ramp(
                             &k.directive.rollout_id,
                             &self.cfg.device_id,
-                            k.directive.percent,
+                            k.directive.stage_percent.unwrap_or(k.directive.percent),
                         ),
                 },
             },
         };
+        // Staged ahead of its step: the directive's ramp does not take the device in yet.
+        let stage_only = followed.as_ref().is_some_and(|(k, origin)| {
+            *origin == Origin::Ring
+                && !in_ramp(
+                    &k.directive.rollout_id,
+                    &self.cfg.device_id,
+                    k.directive.percent,
+                )
+        });
         let failed_before = match (&followed, ask) {
             (Some((k, _)), Ask::Install { release, .. }) => {
                 self.st
@@ -1259,6 +1269,7 @@ impl Worker {
                     job.activation = k.directive.activation.clone();
                     job.rollout_id = k.directive.rollout_id.clone();
                     job.origin = origin;
+                    job.stage_only = stage_only;
                 }
                 // Work under way belongs to the newest attempt: should it fail, it failed
                 // at that one.
@@ -1287,7 +1298,8 @@ impl Worker {
                     return Ok(());
                 };
                 let d = k.directive;
-                let job = Job::new(d.rollout_id.clone(), origin, release, d.activation.clone());
+                let mut job = Job::new(d.rollout_id.clone(), origin, release, d.activation.clone());
+                job.stage_only = stage_only;
                 // The job it replaces is dropped in the same step, so no report ever names
                 // the old target under the new rollout, or the reverse.
                 let old = self.st.job.take();
@@ -1574,8 +1586,9 @@ impl Worker {
                 .map(|s| s.is_open(now))
                 .unwrap_or(false)
         };
-        // A product's own windows apply in addition to the device's.
-        directive_ok && open(&self.cfg.windows) && open(&self.slot.windows)
+        // A product's own windows apply in addition to the device's; a job staged ahead of
+        // its ramp step waits for a directive that takes the device in.
+        !job.stage_only && directive_ok && open(&self.cfg.windows) && open(&self.slot.windows)
     }
 
     fn settled(&self) -> bool {

@@ -317,6 +317,10 @@ pub struct Job {
     pub restarts: u32,
     /// Why it is being reverted.
     pub revert_cause: Option<RevertCause>,
+    /// Staged ahead of the device's ramp step (the directive's `stage_percent` takes the
+    /// device in, its `percent` not yet): download and verify, never activate.
+    #[serde(default)]
+    pub stage_only: bool,
 }
 
 impl Job {
@@ -343,6 +347,7 @@ impl Job {
             rounds_ok: 0,
             restarts: 0,
             revert_cause: None,
+            stage_only: false,
         }
     }
 

@@ -82,6 +82,12 @@ pub struct Directive {
     pub release: Option<Envelope>,
     /// Share of the ring in the ramp.
     pub percent: Percent,
+    /// Share of the ring that may download and verify the release ahead of its turn (a
+    /// launch pre-stages whole rings): a device in this ramp but not in `percent`'s stages the
+    /// release and activates nothing until a directive's `percent` takes it in. Never below
+    /// `percent`; absent: only `percent`'s devices fetch anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_percent: Option<Percent>,
     /// Activation constraints.
     #[serde(default)]
     pub activation: Activation,
@@ -130,6 +136,11 @@ impl Directive {
         }
         if self.action == Action::Install && self.release.is_none() {
             return Err(Rejection::malformed("install directive carries no release"));
+        }
+        if self.stage_percent.is_some_and(|s| s < self.percent) {
+            return Err(Rejection::malformed(
+                "directive stage_percent is below its percent",
+            ));
         }
         if self.attempt == 0 {
             return Err(Rejection::malformed(
@@ -189,6 +200,24 @@ mod tests {
         d.action = Action::Hold;
         d.release = None;
         assert!(d.validate().is_ok());
+    }
+
+    #[test]
+    fn a_stage_ramp_never_below_the_activation_ramp() {
+        let f = Fixture::new();
+        let mut d = f.directive("canary", 10, 5);
+        d.percent = Percent::from_f64(10.0).unwrap();
+        d.stage_percent = Some(Percent::FULL);
+        assert!(d.validate().is_ok());
+        assert_eq!(Directive::parse(&d.to_bytes()).unwrap(), d);
+        d.stage_percent = Some(Percent::from_f64(5.0).unwrap());
+        assert!(d.validate().is_err());
+        d.stage_percent = None;
+        let v: serde_json::Value = serde_json::from_slice(&d.to_bytes()).unwrap();
+        assert!(
+            v.get("stage_percent").is_none(),
+            "absent on the wire when unset"
+        );
     }
 
     #[test]

@@ -168,6 +168,7 @@ impl Fixture {
             action: Action::Install,
             release: Some(release),
             percent: Percent::FULL,
+            stage_percent: None,
             activation: Activation::default(),
             attempt: 1,
         }

@@ -198,6 +198,7 @@ fn directive() -> impl Strategy<Value = Directive> {
                     },
                     release: install.then(|| sample_release("app", 3, 1).sign(&[&f.release])),
                     percent,
+                    stage_percent: None,
                     activation: Activation {
                         not_before: act.0,
                         windows: act.1,

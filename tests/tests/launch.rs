@@ -16,11 +16,28 @@ const RINGS: [&str; 3] = ["canary", "early", "broad"];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_launch_prestages_three_rings_is_moved_once_then_activates_from_staged_bytes() {
     ringcast_tests::test_logs();
+    // broad ramps in two steps, the first holding one of its two devices: that device
+    // activates first, the other only at broad's second step, long after the launch, and
+    // still it stages before the launch like everyone else (the directive's stage_percent).
+    let first_step = [50.0, 30.0, 70.0, 20.0, 80.0, 10.0, 90.0]
+        .into_iter()
+        .find(|p| {
+            let pct = ringcast_proto::Percent::from_f64(*p).expect("percent");
+            ["broad-000", "broad-001"]
+                .iter()
+                .filter(|d| ringcast_proto::in_ramp("app-2", d, pct))
+                .count()
+                == 1
+        })
+        .expect("a first step that holds one broad device");
     let spec = StageSpec::new(
         BrokerKind::Embedded,
         RINGS
             .iter()
-            .map(|r| ring(r, &[100.0], "1m", 2, 0.0))
+            .map(|r| match *r {
+                "broad" => ring(r, &[first_step, 100.0], "1m", 2, 0.0),
+                _ => ring(r, &[100.0], "1m", 2, 0.0),
+            })
             .collect(),
         &[2, 2, 2],
     );

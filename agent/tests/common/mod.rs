@@ -374,6 +374,7 @@ pub fn directive(f: &Fixture, rollout: &str, r: &Release) -> Directive {
         action: Action::Install,
         release: Some(r.sign(&[&f.release])),
         percent: Percent::FULL,
+        stage_percent: None,
         activation: Activation::default(),
         attempt: 1,
     }

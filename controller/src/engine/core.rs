@@ -445,6 +445,18 @@ impl Core {
             action,
             release: (action == Action::Install).then_some(release).flatten(),
             percent: spec.percent,
+            // A launch pre-stages whole rings: every device of the ring downloads and
+            // verifies ahead, and activates only when its ramp step takes it in, so no device
+            // downloads after the launch time, whatever the ring's steps.
+            stage_percent: (spec.device.is_none()
+                && action == Action::Install
+                && spec.percent < Percent::FULL
+                && self
+                    .state
+                    .rollouts
+                    .get(&spec.rollout_id)
+                    .is_some_and(|r| r.launch.is_some() && r.state.is_live()))
+            .then_some(Percent::FULL),
             activation: spec.activation.clone(),
             attempt: match &spec.device {
                 Some(_) => 1,

@@ -171,3 +171,37 @@ fn abort_holds_the_prestaged_rings_too() {
         assert_eq!(h.directive(r).action, Action::Hold, "{r}");
     }
 }
+
+#[test]
+fn a_launch_stages_whole_rings_whatever_their_steps_and_a_plain_rollout_does_not() {
+    let mut broad = ring("broad");
+    broad.steps = vec![pct(10.0), pct(100.0)];
+    let mut h = Harness::new(policy(vec![ring("canary"), broad.clone()]));
+    h.devices("canary", 2);
+    h.devices("broad", 10);
+    let launch = h.now.checked_add(hours(6)).unwrap();
+    h.submit_launch(2, launch, LaunchMode::Rings);
+    h.eval();
+    let d = h.directive("broad");
+    assert_eq!(d.percent, pct(10.0), "activation still ramps");
+    assert_eq!(
+        d.stage_percent,
+        Some(Percent::FULL),
+        "every broad device stages ahead of its step"
+    );
+    assert_eq!(
+        h.directive("canary").stage_percent,
+        None,
+        "a ring at 100 % needs no stage ramp: directives stay as they were"
+    );
+
+    let mut h = Harness::new(policy(vec![ring("canary"), broad]));
+    h.devices("canary", 2);
+    h.devices("broad", 10);
+    h.submit(2);
+    h.eval();
+    assert!(h
+        .directives("canary")
+        .iter()
+        .all(|d| d.stage_percent.is_none()));
+}
