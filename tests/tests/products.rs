@@ -75,9 +75,20 @@ fn current(r: &StateReport, product: &str) -> Option<ReleaseRef> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn os_and_app_rollouts_overlap_on_the_same_rings_each_with_its_own_floor() {
+    overlap(BrokerKind::Embedded).await;
+}
+
+/// The same on Mosquitto with mutual TLS and the shipped ACL, which must grant the product
+/// topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn os_and_app_overlap_on_mosquitto_under_the_shipped_acl() {
+    overlap(BrokerKind::Mosquitto).await;
+}
+
+async fn overlap(kind: BrokerKind) {
     ringcast_tests::test_logs();
     let mut spec = StageSpec::new(
-        BrokerKind::Embedded,
+        kind,
         vec![
             ring("canary", &[100.0], "1m", 1, 0.0),
             ring("broad", &[100.0], "1m", 1, 0.0),
