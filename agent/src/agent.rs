@@ -2016,35 +2016,26 @@ impl Worker {
 
 /// The state report for `st`.
 fn build_report(cfg: &AgentConfig, st: &Persisted, now: Timestamp) -> StateReport {
+    // The release fields are a product entry's, at the top (while deferred, the error slot
+    // says why and until when: reason code `deferred`).
+    let p = product_state(st, &[]);
     StateReport {
         device: cfg.device_id.clone(),
         seq: st.report_seq,
         ring: cfg.ring.clone(),
         device_class: cfg.device_class.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        current: st.current.as_ref().map(|i| i.release.clone()),
-        previous: st.previous.as_ref().map(|i| i.release.clone()),
-        target: st
-            .job
-            .as_ref()
-            .map(|j| j.target())
-            .or_else(|| st.target.clone()),
-        phase: st.phase,
-        rollout_id: st
-            .job
-            .as_ref()
-            .map(|j| j.rollout_id.clone())
-            .or_else(|| st.rollout_id.clone()),
-        // While deferred, the error slot says why and until when (reason code `deferred`).
-        last_error: match (st.phase, &st.deferral) {
-            (Phase::Deferred, Some(d)) => Some(d.error_info()),
-            _ => st.last_error.clone(),
-        },
-        refused: st.refused.clone(),
+        current: p.current,
+        previous: p.previous,
+        target: p.target,
+        phase: p.phase,
+        rollout_id: p.rollout_id,
+        last_error: p.last_error,
+        refused: p.refused,
         windows: cfg.windows.clone(),
         timezone: cfg.timezone.clone(),
         updated_at: now,
-        attempt: st.attempt,
+        attempt: p.attempt,
         products: Default::default(),
     }
 }

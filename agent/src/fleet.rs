@@ -175,8 +175,6 @@ fn read_version(root: &Path) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
-impl SimDevice {}
-
 /// A running fleet.
 #[derive(Debug)]
 pub struct Fleet {
