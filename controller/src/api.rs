@@ -1137,7 +1137,7 @@ async fn unpin_device(
         None,
         Some(&subject),
     )?;
-    let p = app.engine.unpin(id, q.product, actor).await?;
+    let p = app.engine.unpin_product(id, q.product, actor).await?;
     Ok(Json(PinView::from(&p)))
 }
 

@@ -340,8 +340,13 @@ impl EngineHandle {
         }
     }
 
-    /// End `device`'s pin (for `product`; `None`: its only standing one).
-    pub async fn unpin(
+    /// End `device`'s pin (its only standing one).
+    pub async fn unpin(&self, device: String, actor: Actor) -> Result<DevicePin> {
+        self.unpin_product(device, None, actor).await
+    }
+
+    /// End `device`'s pin for `product` (`None`: its only standing one).
+    pub async fn unpin_product(
         &self,
         device: String,
         product: Option<String>,
