@@ -376,7 +376,7 @@ fn view_of(shared: &Shared, r: &Rollout) -> RolloutView {
         .iter()
         .enumerate()
         .map(|(i, rp)| {
-            let standing = st.rings.get(&rp.name).filter(|d| d.rollout_id == r.id);
+            let standing = st.standing(r, &rp.name);
             let reached = r.rings_reached.contains(&rp.name);
             let (status, step) = match (&r.state, cur.as_ref()) {
                 (_, Some((ci, cs, _))) if *ci == i => (r.state.phase().to_owned(), Some(*cs)),
@@ -404,7 +404,7 @@ fn view_of(shared: &Shared, r: &Rollout) -> RolloutView {
             let count = |phases: &[Phase]| -> u32 {
                 let n = devices
                     .values()
-                    .filter_map(|d| d.report.as_ref())
+                    .filter_map(|d| d.report_for(&r.release_name))
                     .filter(|x| {
                         x.ring == rp.name
                             && x.rollout_id.as_deref() == Some(r.id.as_str())
@@ -862,9 +862,14 @@ pub struct DeviceView {
     /// When it is predicted to commit the newest live rollout it can take
     /// ([`engine::forecast`]).
     pub prediction: Option<engine::forecast::Prediction>,
-    /// The pin standing on the device, if any.
+    /// The pin standing on the device, if any (for a device running several products, see
+    /// `products`).
     #[serde(default)]
     pub pin: Option<PinView>,
+    /// A device running several products: each one's state, prediction and pin, by product
+    /// name. Absent for a device without products, whose fields above say it all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub products: Vec<ProductView>,
     /// The device's recent events, newest first, as kept in its bounded history: a
     /// `reverted` one carries its `reason`, `check` and `output` tail. Only in
     /// `GET /api/v1/devices/{id}`; the list leaves it out.
@@ -874,6 +879,35 @@ pub struct DeviceView {
     pub record: DeviceRecord,
 }
 
+/// One product of a device that runs several, as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProductView {
+    /// Product (release name).
+    pub product: String,
+    /// Its phase.
+    pub phase: String,
+    /// Its running version.
+    pub current: Option<String>,
+    /// Rollout of the phase.
+    pub rollout_id: Option<String>,
+    /// Last error code.
+    pub last_error: Option<String>,
+    /// When it is predicted to commit the product's newest live rollout, or what it waits
+    /// for.
+    pub prediction: Option<engine::forecast::Prediction>,
+    /// The pin standing for this product, if any.
+    #[serde(default)]
+    pub pin: Option<PinView>,
+}
+
+impl ProductView {
+    /// Whether this product's state matches a `GET /api/v1/devices` filter.
+    fn matches(&self, rollout: Option<&String>, phase: Option<&String>) -> bool {
+        rollout.is_none_or(|r| self.rollout_id.as_ref() == Some(r))
+            && phase.is_none_or(|p| &self.phase == p)
+    }
+}
+
 fn device_view(
     app: &App,
     d: &DeviceRecord,
@@ -881,6 +915,30 @@ fn device_view(
     now: Timestamp,
 ) -> DeviceView {
     let r = d.report.as_ref();
+    let st = app.shared.state.read().unwrap_or_else(|p| p.into_inner());
+    let products: Vec<ProductView> = r
+        .map(|r| &r.products)
+        .into_iter()
+        .flatten()
+        .map(|(name, p)| ProductView {
+            product: name.clone(),
+            phase: p.phase.as_str().to_owned(),
+            current: p
+                .current
+                .as_ref()
+                .map(|c| format!("{} {}", c.name, c.version)),
+            rollout_id: p.rollout_id.clone(),
+            last_error: p.last_error.as_ref().map(|e| e.reason.clone()),
+            prediction: forecast.device_product(&d.id, name).cloned(),
+            pin: st.pin_of(&d.id, name).and_then(PinView::standing),
+        })
+        .collect();
+    // An agent without products follows its single-product pin, whatever the release.
+    let pin = if products.is_empty() {
+        st.pins.get(&d.id).and_then(PinView::standing)
+    } else {
+        None
+    };
     DeviceView {
         id: d.id.clone(),
         ring: r.map(|r| r.ring.clone()),
@@ -898,14 +956,8 @@ fn device_view(
             > app.shared.policy.unresponsive_after.signed(),
         online: d.online,
         prediction: forecast.device(&d.id).cloned(),
-        pin: app
-            .shared
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .pins
-            .get(&d.id)
-            .and_then(PinView::standing),
+        pin,
+        products,
         events: None,
         record: d.clone(),
     }
@@ -932,18 +984,24 @@ async fn list_devices(
         .map(|d| device_view(&app, d, &fc, now))
         .filter(|v| f.ring.as_ref().is_none_or(|r| v.ring.as_ref() == Some(r)))
         .filter(|v| {
+            if f.phase.as_deref() == Some("unresponsive") {
+                return v.unresponsive
+                    && f.rollout.as_ref().is_none_or(|r| {
+                        v.rollout_id.as_ref() == Some(r)
+                            || v.products.iter().any(|p| p.matches(Some(r), None))
+                    });
+            }
+            // A device running several products matches when one of them does.
+            if !v.products.is_empty() {
+                return v
+                    .products
+                    .iter()
+                    .any(|p| p.matches(f.rollout.as_ref(), f.phase.as_ref()));
+            }
             f.rollout
                 .as_ref()
                 .is_none_or(|r| v.rollout_id.as_ref() == Some(r))
-        })
-        .filter(|v| {
-            f.phase.as_ref().is_none_or(|p| {
-                if p == "unresponsive" {
-                    v.unresponsive
-                } else {
-                    v.phase.as_ref() == Some(p)
-                }
-            })
+                && f.phase.as_ref().is_none_or(|p| v.phase.as_ref() == Some(p))
         })
         .collect();
     out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -979,6 +1037,10 @@ async fn show_device(
 pub struct PinView {
     /// Device id.
     pub device: String,
+    /// The product (release name) of the device topic it stands on; absent on the
+    /// single-product topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
     /// Release the device is pinned to (`None` once the pin ended).
     pub release_id: Option<String>,
     /// Rollout id of the per-device directive.
@@ -1001,6 +1063,7 @@ impl From<&DevicePin> for PinView {
     fn from(p: &DevicePin) -> PinView {
         PinView {
             device: p.directive.device.clone().unwrap_or_default(),
+            product: p.directive.product.clone(),
             release_id: p.pinned_release().map(str::to_owned),
             rollout_id: p.directive.rollout_id.clone(),
             ring: p.directive.ring.clone(),
@@ -1074,7 +1137,7 @@ async fn unpin_device(
         None,
         Some(&subject),
     )?;
-    let p = app.engine.unpin(id, q.product, actor).await?;
+    let p = app.engine.unpin_product(id, q.product, actor).await?;
     Ok(Json(PinView::from(&p)))
 }
 
@@ -1436,6 +1499,7 @@ async function lookup() {
   try { d = await api('/api/v1/devices/' + encodeURIComponent(id)); }
   catch (e) { show('device', [el('p', id + ': ' + e.message, 'bad')]); return; }
   const nodes = [el('h3', d.id + ' — ' + (d.phase || '-') + ' on ' + (d.current || '-') + (d.unresponsive ? ' (silent)' : ''))];
+  for (const p of d.products || []) nodes.push(el('p', p.product + ': ' + p.phase + ' on ' + (p.current || '-') + (p.rollout_id ? ' (' + p.rollout_id + ')' : '')));
   const err = d.record && d.record.report && d.record.report.last_error;
   if (err) nodes.push(el('p', 'last error ' + err.reason + ': ' + err.detail, 'bad'));
   const t = el('table');

@@ -573,6 +573,60 @@ fn slot_for(seq: u64, limit: u32) -> u32 {
 mod tests {
     use super::*;
 
+    /// Records as a version before products wrote them: keyed by ring and by device, with no
+    /// `product` field.
+    #[test]
+    fn directives_persisted_before_products_load_as_the_single_product_records() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(d.path()).unwrap();
+            s.rings
+                .insert(
+                    "canary",
+                    br#"{"ring":"canary","rollout_id":"app-2","action":"install",
+                        "release_id":"app-2","percent":50,"activation":{},
+                        "sequence":1800000000000,"issued_at":"2027-01-15T10:00:00Z",
+                        "expires_at":"2027-01-15T11:00:00Z"}"#
+                        .as_slice(),
+                )
+                .unwrap();
+            s.pins
+                .insert(
+                    "canary-0",
+                    br#"{"directive":{"ring":"canary","device":"canary-0",
+                        "rollout_id":"pin-canary-0-1","action":"install","release_id":"app-2",
+                        "percent":100,"activation":{},"sequence":1800000000001,
+                        "issued_at":"2027-01-15T10:00:00Z","expires_at":"2027-01-15T11:00:00Z"},
+                        "by":"alice","at":"2027-01-15T10:00:00Z","ring_rollout":"app-2",
+                        "issued":1}"#
+                        .as_slice(),
+                )
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = Store::open(d.path()).unwrap();
+        let st = crate::engine::load_state(&s).unwrap();
+        let ring = &st.rings["canary"];
+        assert_eq!(
+            (ring.product.as_deref(), ring.rollout_id.as_str()),
+            (None, "app-2")
+        );
+        assert_eq!(ring.key(), "canary");
+        let pin = &st.pins["canary-0"];
+        assert_eq!(pin.directive.product, None);
+        assert_eq!(pin.pinned_release(), Some("app-2"));
+        // Written back, a product's record sits beside it under its own key.
+        let mut app = ring.clone();
+        app.product = Some("app".into());
+        s.put_ring(&app).unwrap();
+        let st = crate::engine::load_state(&s).unwrap();
+        assert_eq!(
+            st.rings.keys().collect::<Vec<_>>(),
+            ["canary", "canary/app"]
+        );
+        assert!(st.rings["canary"].product.is_none());
+    }
+
     #[test]
     fn reopen_right_after_drop_waits_for_the_flusher_to_let_go() {
         let d = tempfile::tempdir().unwrap();

@@ -46,17 +46,26 @@ enum DevicesCommand {
     Unpin {
         /// Device id.
         device: String,
+        /// The product whose pin ends (needed when the device is pinned for several).
+        #[arg(long)]
+        product: Option<String>,
     },
 }
 
-fn print_pin(p: &ringcast_controller::api::PinView) {
+/// `app: ` before a line about one product of a device that runs several.
+fn label(product: Option<&str>) -> String {
+    product.map(|p| format!("{p}: ")).unwrap_or_default()
+}
+
+fn print_pin(p: &ringcast_controller::api::PinView, product: Option<&str>) {
+    let l = label(product);
     match &p.release_id {
         Some(r) => println!(
-            "pin       {r} ({}, ring {}, by {} at {})",
+            "pin       {l}{r} ({}, ring {}, by {} at {})",
             p.rollout_id, p.ring, p.by, p.at
         ),
         None => println!(
-            "pin       none ({} ended by {} at {}{})",
+            "pin       {l}none ({} ended by {} at {}{})",
             p.rollout_id,
             p.by,
             p.at,
@@ -162,27 +171,39 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
             if json {
                 return print_json(&v);
             }
+            // A column for the products of devices that run several, only when one is listed.
+            let any_products = v.iter().any(|d| !d.products.is_empty());
             let rows: Vec<Vec<String>> = v
                 .iter()
                 .map(|d| {
-                    vec![
+                    let multi = !d.products.is_empty();
+                    let or_dash = |x: &Option<String>| match x {
+                        Some(x) if !multi => x.clone(),
+                        _ => "-".into(),
+                    };
+                    let mut row = vec![
                         d.id.clone(),
                         d.ring.clone().unwrap_or_else(|| "-".into()),
                         format!(
                             "{}{}",
-                            d.phase.clone().unwrap_or_else(|| "-".into()),
+                            or_dash(&d.phase),
                             if d.unresponsive { " (silent)" } else { "" }
                         ),
-                        d.current.clone().unwrap_or_else(|| "-".into()),
-                        d.rollout_id.clone().unwrap_or_else(|| "-".into()),
+                        or_dash(&d.current),
+                        or_dash(&d.rollout_id),
                         d.last_error.clone().unwrap_or_default(),
-                    ]
+                    ];
+                    if any_products {
+                        row.push(products_cell(&d.products));
+                    }
+                    row
                 })
                 .collect();
-            table(
-                &["device", "ring", "phase", "current", "rollout", "error"],
-                &rows,
-            );
+            let mut headers = vec!["device", "ring", "phase", "current", "rollout", "error"];
+            if any_products {
+                headers.push("products");
+            }
+            table(&headers, &rows);
             Ok(())
         }
         DevicesCommand::Show { device } => {
@@ -193,17 +214,31 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
             println!("device    {}", d.id);
             println!("ring      {}", d.ring.as_deref().unwrap_or("-"));
             println!("class     {}", d.device_class.as_deref().unwrap_or("-"));
-            println!(
-                "phase     {}{}",
-                d.phase.as_deref().unwrap_or("-"),
-                if d.unresponsive {
-                    " (silent past the timeout)"
-                } else {
-                    ""
+            let silent = if d.unresponsive {
+                " (silent past the timeout)"
+            } else {
+                ""
+            };
+            if d.products.is_empty() {
+                println!("phase     {}{silent}", d.phase.as_deref().unwrap_or("-"));
+                println!("current   {}", d.current.as_deref().unwrap_or("-"));
+                println!("rollout   {}", d.rollout_id.as_deref().unwrap_or("-"));
+            } else {
+                // One line per product: its phase, what it runs, the rollout of the phase.
+                for p in &d.products {
+                    println!(
+                        "product   {}: {}, current {}, rollout {}{}{silent}",
+                        p.product,
+                        p.phase,
+                        p.current.as_deref().unwrap_or("-"),
+                        p.rollout_id.as_deref().unwrap_or("-"),
+                        p.last_error
+                            .as_deref()
+                            .map(|e| format!(", error {e}"))
+                            .unwrap_or_default()
+                    );
                 }
-            );
-            println!("current   {}", d.current.as_deref().unwrap_or("-"));
-            println!("rollout   {}", d.rollout_id.as_deref().unwrap_or("-"));
+            }
             println!(
                 "online    {}",
                 d.online
@@ -217,10 +252,22 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
                 }
             }
             if let Some(p) = &d.pin {
-                print_pin(p);
+                print_pin(p, None);
             }
-            if let Some(p) = &d.prediction {
-                print_prediction(p);
+            for p in &d.products {
+                if let Some(pin) = &p.pin {
+                    print_pin(pin, Some(&p.product));
+                }
+            }
+            if d.products.is_empty() {
+                if let Some(p) = &d.prediction {
+                    print_prediction(p, None);
+                }
+            }
+            for p in &d.products {
+                if let Some(pr) = &p.prediction {
+                    print_prediction(pr, Some(&p.product));
+                }
             }
             match &d.events {
                 Some(events) => print_events(events),
@@ -240,31 +287,55 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<()> {
                 return print_json(&p);
             }
             println!("device    {}", p.device);
-            print_pin(&p);
+            print_pin(&p, None);
             Ok(())
         }
-        DevicesCommand::Unpin { device } => {
-            let p = block_on(c.unpin(&device))??;
+        DevicesCommand::Unpin { device, product } => {
+            let p = block_on(c.unpin_product(&device, product.as_deref()))??;
             if json {
                 return print_json(&p);
             }
             println!("device    {}", p.device);
-            print_pin(&p);
+            print_pin(&p, None);
             Ok(())
         }
     }
 }
 
-/// The forecast: when the device commits (it counts as updated then), or what it waits for.
-fn print_prediction(p: &ringcast_controller::engine::forecast::Prediction) {
+/// The products of a device that runs several, in one cell: `app:probation 1.2.0; os:…`.
+fn products_cell(products: &[ringcast_controller::api::ProductView]) -> String {
+    products
+        .iter()
+        .map(|p| {
+            // `current` names the product again (`app 1.2.0`): the version says enough here.
+            let version = p
+                .current
+                .as_deref()
+                .map(|c| c.strip_prefix(&format!("{} ", p.product)).unwrap_or(c))
+                .unwrap_or("-");
+            let error = p
+                .last_error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
+            format!("{}:{} {version}{error}", p.product, p.phase)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The forecast: when the device commits (it counts as updated then), or what it waits for
+/// (for one `product` of a device that runs several).
+fn print_prediction(p: &ringcast_controller::engine::forecast::Prediction, product: Option<&str>) {
     let place = match (&p.ring, p.step) {
         (Some(r), Some(s)) => format!(", step {s} of ring {r}"),
         _ => String::new(),
     };
+    let l = label(product);
     match (p.at, &p.waits_for) {
-        (Some(at), _) => println!("update    commits {at} with {}{place}", p.rollout_id),
-        (None, Some(w)) => println!("update    {} waits for {w}{place}", p.rollout_id),
-        (None, None) => println!("update    {}{place}", p.rollout_id),
+        (Some(at), _) => println!("update    {l}commits {at} with {}{place}", p.rollout_id),
+        (None, Some(w)) => println!("update    {l}{} waits for {w}{place}", p.rollout_id),
+        (None, None) => println!("update    {l}{}{place}", p.rollout_id),
     }
     println!("          {}", p.note);
     if let Some(t) = p.published_at {

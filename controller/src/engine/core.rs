@@ -342,8 +342,13 @@ impl Core {
         }
         info!("{detail}");
         out.audit(Record {
+            actor: "controller".into(),
+            role: None,
+            action: "product_directives".into(),
+            outcome: "ok".into(),
             rollout_id: None,
-            ..Record::auto("product_directives", "", None, detail)
+            ring: None,
+            detail,
         });
     }
 
@@ -516,13 +521,18 @@ impl Core {
     /// this product's last good release, would stop or undo a rollout that did not fail.
     /// This is what a stopping rollout did before products, when the ring had one record.
     fn held_by(&self, r: &Rollout, ring: &str) -> Vec<Option<String>> {
-        [Some(r.release_name.clone()), None]
+        self.held_by_id(&r.id, &r.release_name, ring)
+    }
+
+    /// [`Core::held_by`] for rollout `id` of `product`.
+    fn held_by_id(&self, id: &str, product: &str, ring: &str) -> Vec<Option<String>> {
+        [Some(product.to_owned()), None]
             .into_iter()
             .filter(|p| {
                 self.state
                     .rings
                     .get(&directive_key(ring, p.as_deref()))
-                    .is_some_and(|d| d.rollout_id == r.id)
+                    .is_some_and(|d| d.rollout_id == id)
             })
             .collect()
     }
@@ -967,8 +977,8 @@ impl Core {
         a.at = now;
         info!(ring, attempt = a.attempt, "retrying failed devices");
         out.changes.rollouts.insert(id.to_owned());
-        let r = rr.clone();
-        for p in self.held_by(&r, ring) {
+        let product = rr.release_name.clone();
+        for p in self.held_by_id(id, &product, ring) {
             self.resign_ring(&directive_key(ring, p.as_deref()), now, out);
         }
     }

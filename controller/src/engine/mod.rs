@@ -20,6 +20,14 @@
 //! ramp count; devices that refuse a directive count as `refused` and a step they make
 //! unreachable halts; a step that cannot reach its gate within `step_timeout` ends; acceptance
 //! checks get `check_attempts` runs; `on_new_release` chooses supersede or queue.
+//!
+//! Products: a rollout is of one product, its release name. Rollouts of different names run
+//! on the same rings at once, each publishing on its product's topics and on the
+//! single-product ones (which the newest rollout on a ring holds); supersede and queue stay
+//! per name. A rollout counts a device only through its report for the rollout's product
+//! ([`crate::model::DeviceRecord::report_for`]): a device running several products is in
+//! each product's rollouts by that product's state, and in no rollout of a product it does
+//! not run.
 
 pub mod actor;
 pub mod core;
@@ -176,27 +184,6 @@ impl EngineState {
             .filter(|p| p.pinned_release().is_some())
             .or_else(|| self.pins.get(device).filter(named))
     }
-
-    /// The pins standing on `device`, one per product (its product records; a
-    /// single-product pin only when no product record stands beside it, as persisted before
-    /// products).
-    pub fn pins_of(&self, device: &str) -> Vec<&DevicePin> {
-        let mut v: Vec<&DevicePin> = self
-            .pins
-            .range(format!("{device}/")..)
-            .take_while(|(k, _)| k.starts_with(&format!("{device}/")))
-            .map(|(_, p)| p)
-            .filter(|p| p.pinned_release().is_some())
-            .collect();
-        if v.is_empty() {
-            v.extend(
-                self.pins
-                    .get(device)
-                    .filter(|p| p.pinned_release().is_some()),
-            );
-        }
-        v
-    }
 }
 
 /// The engine's state as last persisted, for readers: the actor replaces it after every
@@ -340,8 +327,13 @@ impl EngineHandle {
         }
     }
 
-    /// End `device`'s pin (for `product`; `None`: its only standing one).
-    pub async fn unpin(
+    /// End `device`'s pin (its only standing one).
+    pub async fn unpin(&self, device: String, actor: Actor) -> Result<DevicePin> {
+        self.unpin_product(device, None, actor).await
+    }
+
+    /// End `device`'s pin for `product` (`None`: its only standing one).
+    pub async fn unpin_product(
         &self,
         device: String,
         product: Option<String>,

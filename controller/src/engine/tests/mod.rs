@@ -16,6 +16,7 @@ mod halts;
 mod launch;
 mod new_release;
 mod operator;
+mod products;
 mod restarts;
 mod retries;
 mod submit;
@@ -29,6 +30,7 @@ use crate::config::{Gate, OnFailure, Policy, Promotion, RingPolicy};
 use crate::error::Result;
 use crate::model::{DeviceRecord, Rollout, RolloutState, Stage, Tally};
 use jiff::{SignedDuration, Timestamp};
+use ringcast_proto::report::ProductState;
 use ringcast_proto::testkit::{self, Fixture};
 use ringcast_proto::{
     in_ramp, Directive, Dur, Envelope, Event, Percent, Phase, Reason, Refusal, Release, ReleaseRef,
@@ -99,6 +101,21 @@ pub(super) fn policy(rings: Vec<RingPolicy>) -> Policy {
 /// A release of [`APP`] with `sequence` (rollback floor 1), for [`CLASS`].
 pub(super) fn release(sequence: u64) -> Release {
     testkit::sample_release(APP, sequence, 1)
+}
+
+/// What a device running several products reports for one it has not been sent anything of.
+fn idle_product() -> ProductState {
+    ProductState {
+        current: None,
+        previous: None,
+        target: None,
+        phase: Phase::Idle,
+        rollout_id: None,
+        last_error: None,
+        refused: None,
+        attempt: 1,
+        windows: vec![],
+    }
 }
 
 /// The release as state reports name it.
@@ -304,10 +321,106 @@ impl Harness {
 
     /// `device` reports `phase` for `rollout` (committed: it now runs the rollout's release).
     pub(super) fn report_for(&mut self, device: &str, rollout: &str, phase: Phase) {
-        let seq = self.rollout(rollout).release_sequence;
+        let (name, seq) = {
+            let r = self.rollout(rollout);
+            (r.release_name.clone(), r.release_sequence)
+        };
         let ring = self.device_ring(device);
-        let current = (phase == Phase::Committed).then(|| release_ref(APP, seq));
+        let current = (phase == Phase::Committed).then(|| release_ref(&name, seq));
         self.put(device, &ring, phase, Some((rollout, seq)), None, current);
+        if let Some(r) = self.devices.get_mut(device).and_then(|d| d.report.as_mut()) {
+            r.target = Some(release_ref(&name, seq));
+        }
+    }
+
+    // ----- devices running several products ---------------------------------------------------
+
+    /// Add `n` devices `{ring}-{i}` to `ring` that run each of `products`; their ids.
+    pub(super) fn product_devices(
+        &mut self,
+        ring: &str,
+        n: usize,
+        products: &[&str],
+    ) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let id = format!("{ring}-{i}");
+                self.product_device(&id, ring, products);
+                id
+            })
+            .collect()
+    }
+
+    /// Add idle device `id` to `ring`, an agent running each of `products` (its report's
+    /// top-level release fields stay empty).
+    pub(super) fn product_device(&mut self, id: &str, ring: &str, products: &[&str]) {
+        self.put(id, ring, Phase::Idle, None, None, None);
+        let entries = products
+            .iter()
+            .map(|p| ((*p).to_owned(), idle_product()))
+            .collect();
+        if let Some(r) = self.devices.get_mut(id).and_then(|d| d.report.as_mut()) {
+            r.products = entries;
+        }
+    }
+
+    /// Change what `device` (running several products) reports for `product`, as a new report.
+    fn put_product(&mut self, device: &str, product: &str, f: impl FnOnce(&mut ProductState)) {
+        self.report_seq += 1;
+        let (seq, now) = (self.report_seq, self.now);
+        let d = self
+            .devices
+            .get_mut(device)
+            .unwrap_or_else(|| panic!("unknown device {device}"));
+        let r = d.report.as_mut().expect("a reported device");
+        let entry = r
+            .products
+            .get_mut(product)
+            .unwrap_or_else(|| panic!("{device} does not run {product}"));
+        f(entry);
+        r.seq = seq;
+        r.updated_at = now;
+        d.last_seen = now;
+    }
+
+    /// `device` reports `phase` of `rollout` for the rollout's product (committed: that
+    /// product now runs the release); its other products keep what they reported.
+    pub(super) fn report_product(&mut self, device: &str, rollout: &str, phase: Phase) {
+        let (name, seq) = {
+            let r = self.rollout(rollout);
+            (r.release_name.clone(), r.release_sequence)
+        };
+        let rel = release_ref(&name, seq);
+        self.put_product(device, &name, |p| {
+            p.phase = phase;
+            p.rollout_id = Some(rollout.to_owned());
+            p.target = Some(rel.clone());
+            p.refused = None;
+            if phase == Phase::Committed {
+                p.current = Some(rel);
+            }
+        });
+    }
+
+    /// `device` refused `rollout`'s directive for the rollout's product.
+    pub(super) fn refuse_product(&mut self, device: &str, rollout: &str, reason: Reason) {
+        let name = self.rollout(rollout).release_name.clone();
+        let refusal = Refusal {
+            rollout_id: rollout.to_owned(),
+            reason,
+            detail: format!("{name} refused"),
+        };
+        self.put_product(device, &name, |p| {
+            p.phase = Phase::Idle;
+            p.rollout_id = None;
+            p.refused = Some(refusal);
+        });
+    }
+
+    /// `rollout`'s tally on `ring` at `percent`, as the core sees it.
+    pub(super) fn tally_of(&self, rollout: &str, ring: &str, percent: Percent) -> Tally {
+        let fleet = Fleet::new(&self.devices, &self.events, self.unresponsive_after());
+        fleet.tally(self.rollout(rollout), ring, percent, self.now)
     }
 
     /// `device` reports `phase` for the last submitted rollout at directive attempt `attempt`.
@@ -628,7 +741,33 @@ impl Harness {
 
     /// Every directive published on `ring`'s topic so far, verified against the trust root.
     pub(super) fn directives(&self, ring: &str) -> Vec<Directive> {
-        let topic = self.topics().ring_directive(ring);
+        self.directives_on(&self.topics().ring_directive(ring))
+    }
+
+    /// Every directive published on `ring`'s topic for `product` so far, verified.
+    pub(super) fn product_directives(&self, ring: &str, product: &str) -> Vec<Directive> {
+        self.directives_on(&self.topics().ring_product_directive(ring, product))
+    }
+
+    /// The raw payloads published on `topic` so far (an empty one clears it).
+    pub(super) fn payloads_on(&self, topic: &str) -> Vec<Vec<u8>> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Publish { topic: t, payload } if t == topic => Some(payload.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The topics names, for tests that look at device topics.
+    pub(super) fn topic_names(&self) -> &Topics {
+        self.topics()
+    }
+
+    /// Every directive published on `topic` so far, verified against the trust root.
+    pub(super) fn directives_on(&self, topic: &str) -> Vec<Directive> {
+        let topic = topic.to_owned();
         self.effects
             .iter()
             .filter_map(|e| match e {
@@ -694,6 +833,7 @@ pub(super) fn state_json(st: &EngineState) -> serde_json::Value {
         // What stands on each ring, without its signing details (a restart re-signs).
         "rings": st.rings.values().map(|d| serde_json::json!({
             "ring": d.ring,
+            "product": d.product,
             "rollout_id": d.rollout_id,
             "action": d.action,
             "release_id": d.release_id,
