@@ -84,7 +84,7 @@ async fn pinned_device_commits_a_release_its_ring_does_not_run_and_follows_the_r
     stage
         .controller()
         .engine()
-        .unpin(broad.clone(), None, approver())
+        .unpin(broad.clone(), approver())
         .await
         .expect("unpin accepted");
     stage

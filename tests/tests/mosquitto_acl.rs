@@ -104,8 +104,8 @@ async fn device_publishes_its_own_reports_and_reads_trust_ring_and_own_directive
         .iter()
         .chain(&product_topics)
     {
-        a.subscribe_ok(&topic, WAIT).await.unwrap();
-        let got = a.expect_publish(&topic, WAIT).await.unwrap();
+        a.subscribe_ok(topic, WAIT).await.unwrap();
+        let got = a.expect_publish(topic, WAIT).await.unwrap();
         assert!(got.retain, "{topic} should arrive as a retained message");
     }
 
