@@ -175,7 +175,16 @@ async fn broker_restart_mid_rollout_loses_nothing_and_rollout_completes() {
         watch.get("canary").filter(|d| d.sequence > before.sequence)
     })
     .await;
+    fleet
+        .report_all("canary", 2, Some(&ro.id), Phase::Committed, 2)
+        .await;
+    wait_for(15, "reports after the restart", || {
+        (count_phase(&h, &ro.id, Phase::Committed) == 2).then_some(())
+    })
+    .await;
     // The device agent's event is re-sent (QoS 1 redelivery looks like this): recognised.
+    // Sent once the controller has read reports after the restart, so its subscriptions are
+    // back (events are not retained: one sent before would be lost, not a duplicate).
     fleet
         .client
         .publish(
@@ -186,13 +195,6 @@ async fn broker_restart_mid_rollout_loses_nothing_and_rollout_completes() {
         )
         .await
         .unwrap();
-    fleet
-        .report_all("canary", 2, Some(&ro.id), Phase::Committed, 2)
-        .await;
-    wait_for(15, "reports after the restart", || {
-        (count_phase(&h, &ro.id, Phase::Committed) == 2).then_some(())
-    })
-    .await;
     wait_for(10, "duplicate recognised", || {
         (h.shared().counters.duplicate_events.load(Ordering::Relaxed) == 1).then_some(())
     })
