@@ -393,14 +393,18 @@ fn view_of(shared: &Shared, r: &Rollout) -> RolloutView {
                 standing
                     .map(|d| d.percent)
                     .or(if reached { Some(Percent::FULL) } else { None });
-            let tally = engine::tally(
-                &devices,
-                r,
-                &rp.name,
-                percent.unwrap_or(Percent::ZERO),
-                now,
-                shared.policy.unresponsive_after.signed(),
-            );
+            // An ended rollout shows its rings as they were when it ended.
+            let tally = match r.final_tallies.get(&rp.name) {
+                Some(t) => *t,
+                None => engine::tally(
+                    &devices,
+                    r,
+                    &rp.name,
+                    percent.unwrap_or(Percent::ZERO),
+                    now,
+                    shared.policy.unresponsive_after.signed(),
+                ),
+            };
             let count = |phases: &[Phase]| -> u32 {
                 let n = devices
                     .values()

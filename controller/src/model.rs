@@ -224,6 +224,11 @@ pub struct Rollout {
     /// When it ended (completed, halted, …).
     #[serde(default)]
     pub ended_at: Option<Timestamp>,
+    /// Per ring reached, the tally as it was when the rollout ended: what its view shows from
+    /// then on (its devices move on to later releases). Empty while live, and for rollouts
+    /// that ended before the field.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub final_tallies: BTreeMap<String, Tally>,
     /// Delivery insight: when half, then all, of the compatible fleet ran the release.
     #[serde(default)]
     pub insight: RolloutInsight,

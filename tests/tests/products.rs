@@ -3,7 +3,8 @@
 //! rings through a real controller, a real broker and real agents. The app rollout installs,
 //! commits and completes while the OS is still on probation on the same device; each product
 //! keeps its own rollback floor (an app release far below the OS's floor is taken); and a
-//! rollout of one product never counts the other's devices' state.
+//! rollout of one product never counts the other's devices' state. An ended rollout's
+//! tallies stay as they were when it ended.
 
 use ringcast::kit::{AppHealth, AppRelease};
 use ringcast_agent::config::ProductConfig;
@@ -175,19 +176,22 @@ async fn overlap(kind: BrokerKind) {
     }
     // Each rollout's tally counted its own product: the app's rollout never saw the OS's
     // devices on probation as pending, and the reverse.
-    for id in [&app_id, &os_id] {
-        let view = ringcast_controller::api::rollout_view_of(stage.controller(), id)
-            .expect("rollout view");
-        for rv in &view.rings {
-            let t = &rv.tally;
-            assert_eq!(
-                (t.committed, t.failed, t.refused),
-                (1, 0, 0),
-                "{id} ring {}: {t:?}",
-                rv.name
-            );
+    let tallies_hold = |stage: &Stage, when: &str| {
+        for id in [&app_id, &os_id] {
+            let view = ringcast_controller::api::rollout_view_of(stage.controller(), id)
+                .expect("rollout view");
+            for rv in &view.rings {
+                let t = &rv.tally;
+                assert_eq!(
+                    (t.committed, t.failed, t.refused),
+                    (1, 0, 0),
+                    "{when}: {id} ring {}: {t:?}",
+                    rv.name
+                );
+            }
         }
-    }
+    };
+    tallies_hold(&stage, "at the end");
 
     // 4. Floors are per product: app 3 (floor 1) is far below the OS's floor 10, and is taken.
     let app3 = stage.submit(3, AppHealth::Healthy, |_| {}).await;
@@ -202,5 +206,8 @@ async fn overlap(kind: BrokerKind) {
             "{d}: os untouched"
         );
     }
+    // The ended app 2 rollout shows its rings as they were when it completed, though its
+    // devices have moved on to app 3.
+    tallies_hold(&stage, "after app 3");
     stage.shutdown().await;
 }

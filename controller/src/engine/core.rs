@@ -150,6 +150,7 @@ impl Core {
                 .checks_done(&rollout, &ring, attempt, outcome, now, &mut out)
                 .map(|()| Reply::Done),
         };
+        self.freeze_ended(now, fleet, &mut out);
         Decided {
             effects: out.effects,
             changes: out.changes,
@@ -613,6 +614,39 @@ impl Core {
         if let Some(r) = self.state.rollouts.get_mut(id) {
             r.state = state;
             out.changes.rollouts.insert(id.to_owned());
+        }
+    }
+
+    /// Keep the tallies of every rollout this decision ended as they were at its end, so an
+    /// ended rollout's view does not change as its devices move on to the next release.
+    fn freeze_ended(&mut self, now: Timestamp, fleet: &Fleet<'_>, out: &mut Out) {
+        let ended: Vec<String> = out
+            .changes
+            .rollouts
+            .iter()
+            .filter(|id| {
+                self.state
+                    .rollouts
+                    .get(*id)
+                    .is_some_and(|r| !r.state.is_live() && r.final_tallies.is_empty())
+            })
+            .cloned()
+            .collect();
+        for id in ended {
+            let Some(r) = self.state.rollouts.get(&id).cloned() else {
+                continue;
+            };
+            let tallies: BTreeMap<String, Tally> = r
+                .rings_reached
+                .iter()
+                .map(|ring| {
+                    let t = fleet.tally(&r, ring, self.percent_on(&r, ring), now);
+                    (ring.clone(), t)
+                })
+                .collect();
+            if let Some(r) = self.state.rollouts.get_mut(&id) {
+                r.final_tallies = tallies;
+            }
         }
     }
 
@@ -1531,6 +1565,7 @@ impl Core {
             rings_reached: Vec::new(),
             history: Vec::new(),
             ended_at: None,
+            final_tallies: BTreeMap::new(),
             insight: Default::default(),
             attempts: BTreeMap::new(),
             launch: s.activate_at.map(|_| Launch {

@@ -245,6 +245,7 @@ mod tests {
             rings_reached: vec![],
             history: vec![],
             ended_at: None,
+            final_tallies: Default::default(),
             insight: Default::default(),
             attempts: BTreeMap::new(),
             launch: None,

@@ -196,3 +196,37 @@ fn a_release_that_halted_is_not_offered_again_until_unblocked() {
         .expect_err("not blocked any more");
     assert_eq!(e.code(), "not_blocked");
 }
+
+#[test]
+fn a_halted_rollouts_tallies_stay_as_they_were_when_it_ended() {
+    let mut policy = policy(vec![ring("canary"), ring("broad")]);
+    policy.rings[0].gate.max_failure_rate = 0.0;
+    let mut h = Harness::new(policy);
+    let devs = h.devices("canary", 3);
+    let bad = h.submit(2);
+    h.eval();
+    h.report(&devs[0], Phase::Committed);
+    h.report(&devs[1], Phase::Reverted);
+    h.eval();
+    assert_eq!(h.phase(&bad), "halted");
+    let frozen = h.rollout(&bad).final_tallies.get("canary").copied();
+    let frozen = frozen.expect("tallies kept at the halt");
+    assert_eq!((frozen.committed, frozen.failed), (1, 1));
+    assert!(
+        h.rollout(&bad).final_tallies.get("broad").is_none(),
+        "not reached"
+    );
+
+    // The next release moves every device on: the halted rollout's record does not change.
+    let next = h.submit(3);
+    h.eval();
+    for d in &devs {
+        h.report_for(d, &next, Phase::Committed);
+    }
+    h.eval();
+    assert_eq!(
+        h.rollout(&bad).final_tallies.get("canary").copied(),
+        Some(frozen)
+    );
+    assert!(h.rollout(&next).final_tallies.is_empty(), "live: none kept");
+}
