@@ -11,7 +11,7 @@ use ringcast_controller::ControllerHandle;
 use ringcast_proto::testkit;
 use ringcast_proto::{
     accept_directive, Accepted, Action, AgentView, Clock, DeviceIdentity, Phase, Rejection, Source,
-    StateReport, Topic,
+    Topic,
 };
 use rumqttc::QoS;
 use std::collections::HashMap;
@@ -318,25 +318,7 @@ async fn blocked_release_unknown_device_and_unknown_release_are_refused() {
         (404, "not_found".to_owned())
     );
     // A device of another class would refuse the release (the agent's `incompatible`).
-    let camera = StateReport {
-        device: "camera-0".into(),
-        seq: 0,
-        ring: "canary".into(),
-        device_class: "camera-v1".into(),
-        agent_version: "test".into(),
-        current: None,
-        previous: None,
-        target: None,
-        phase: Phase::Idle,
-        rollout_id: None,
-        last_error: None,
-        refused: None,
-        windows: vec![],
-        timezone: "UTC".into(),
-        updated_at: testkit::now(),
-        attempt: 1,
-        products: Default::default(),
-    };
+    let camera = testkit::idle_report("camera-0", "canary", "camera-v1");
     fleet
         .client
         .publish(

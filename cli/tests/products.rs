@@ -78,14 +78,10 @@ fn rel(name: &str, sequence: u64) -> ReleaseRef {
 fn product(current: ReleaseRef, target: ReleaseRef, phase: Phase, rollout: &str) -> ProductState {
     ProductState {
         current: Some(current),
-        previous: None,
         target: Some(target),
         phase,
         rollout_id: Some(rollout.into()),
-        last_error: None,
-        refused: None,
-        attempt: 1,
-        windows: vec![],
+        ..ProductState::idle()
     }
 }
 
@@ -97,23 +93,9 @@ async fn report_products(
     products: BTreeMap<String, ProductState>,
 ) {
     let r = StateReport {
-        device: device.into(),
         seq: 1,
-        ring: "canary".into(),
-        device_class: "sensor-v2".into(),
-        agent_version: "test".into(),
-        current: None,
-        previous: None,
-        target: None,
-        phase: Phase::Idle,
-        rollout_id: None,
-        last_error: None,
-        refused: None,
-        windows: vec![],
-        timezone: "UTC".into(),
-        updated_at: testkit::now(),
-        attempt: 1,
         products,
+        ..testkit::idle_report(device, "canary", "sensor-v2")
     };
     fleet
         .client

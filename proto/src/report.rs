@@ -176,6 +176,24 @@ pub struct ProductState {
     pub windows: Vec<Window>,
 }
 
+impl ProductState {
+    /// A product with nothing installed and nothing under way (what an agent reports for a
+    /// product it has not been sent anything of).
+    pub fn idle() -> ProductState {
+        ProductState {
+            current: None,
+            previous: None,
+            target: None,
+            phase: Phase::Idle,
+            rollout_id: None,
+            last_error: None,
+            refused: None,
+            attempt: 1,
+            windows: Vec::new(),
+        }
+    }
+}
+
 /// Most products one agent may report (an OS image, an application, firmware, … ).
 pub const MAX_PRODUCTS: usize = 16;
 

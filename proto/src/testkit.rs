@@ -29,6 +29,30 @@ pub fn key(seed: u8) -> SecretKey {
     SecretKey::from_seed([seed; 32])
 }
 
+/// An idle single-product report of `device` in `ring`, of device class `class`, with
+/// nothing installed, dated [`now`]: the base a test changes with struct update syntax.
+pub fn idle_report(device: &str, ring: &str, class: &str) -> crate::StateReport {
+    crate::StateReport {
+        device: device.into(),
+        seq: 0,
+        ring: ring.into(),
+        device_class: class.into(),
+        agent_version: "test".into(),
+        current: None,
+        previous: None,
+        target: None,
+        phase: crate::Phase::Idle,
+        rollout_id: None,
+        last_error: None,
+        refused: None,
+        attempt: 1,
+        windows: Vec::new(),
+        timezone: "UTC".into(),
+        updated_at: now(),
+        products: BTreeMap::new(),
+    }
+}
+
 /// The fixtures' "now": 2026-11-23T00:00:00Z.
 pub fn now() -> Timestamp {
     Timestamp::from_second(1_795_392_000).unwrap_or(Timestamp::UNIX_EPOCH)

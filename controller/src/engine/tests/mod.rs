@@ -103,21 +103,6 @@ pub(super) fn release(sequence: u64) -> Release {
     testkit::sample_release(APP, sequence, 1)
 }
 
-/// What a device running several products reports for one it has not been sent anything of.
-fn idle_product() -> ProductState {
-    ProductState {
-        current: None,
-        previous: None,
-        target: None,
-        phase: Phase::Idle,
-        rollout_id: None,
-        last_error: None,
-        refused: None,
-        attempt: 1,
-        windows: vec![],
-    }
-}
-
 /// The release as state reports name it.
 fn release_ref(name: &str, sequence: u64) -> ReleaseRef {
     ReleaseRef {
@@ -357,7 +342,7 @@ impl Harness {
         self.put(id, ring, Phase::Idle, None, None, None);
         let entries = products
             .iter()
-            .map(|p| ((*p).to_owned(), idle_product()))
+            .map(|p| ((*p).to_owned(), ProductState::idle()))
             .collect();
         if let Some(r) = self.devices.get_mut(id).and_then(|d| d.report.as_mut()) {
             r.products = entries;
