@@ -42,6 +42,19 @@ fn multi_device(f: &Fixture, id: &str, port: u16) -> Device {
     dev
 }
 
+/// A multi-product device `dev-{name}` on a broker of its own with an artifact server, its
+/// agent running and both products reported, watched by the controller client `ctl-{name}`.
+async fn started(f: &Fixture, name: &str) -> (HttpServer, Device, Ctl, AgentHandle) {
+    let port = start_broker();
+    let http = HttpServer::start();
+    let dev = multi_device(f, &format!("dev-{name}"), port);
+    let ctl = Ctl::connect(port, &format!("ctl-{name}")).await;
+    let agent = dev.spawn();
+    ctl.wait_state("both products reported", WAIT, |s| s.products.len() == 2)
+        .await;
+    (http, dev, ctl, agent)
+}
+
 /// An `os` image release: handed to an installer script that appends `install <image>` to
 /// `log`, with a revert command; no checks, so its probation is only time.
 fn os_release(
@@ -267,13 +280,7 @@ async fn app_commits_while_os_is_in_probation_and_each_floor_is_its_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_of_another_product_or_kind_is_refused_and_changes_nothing() {
     let f = Fixture::new();
-    let port = start_broker();
-    let http = HttpServer::start();
-    let dev = multi_device(&f, "dev-refuse", port);
-    let ctl = Ctl::connect(port, "ctl-refuse").await;
-    let agent = dev.spawn();
-    ctl.wait_state("both products reported", WAIT, |s| s.products.len() == 2)
-        .await;
+    let (http, dev, ctl, agent) = started(&f, "refuse").await;
 
     // A directive on the single-product ring topic: this agent does not read it.
     let app1 = app_release(&http, 1, 1);
@@ -467,13 +474,7 @@ async fn the_report_lists_every_product_and_a_restart_resumes_each_phase() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trust_rotation_is_applied_once_for_every_product() {
     let f = Fixture::new();
-    let port = start_broker();
-    let http = HttpServer::start();
-    let dev = multi_device(&f, "dev-rotate", port);
-    let ctl = Ctl::connect(port, "ctl-rotate").await;
-    let agent = dev.spawn();
-    ctl.wait_state("both products reported", WAIT, |s| s.products.len() == 2)
-        .await;
+    let (http, _dev, ctl, agent) = started(&f, "rotate").await;
 
     // Version 2 replaces the controller key.
     let new_root = key(42);
