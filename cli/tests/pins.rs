@@ -510,19 +510,6 @@ async fn a_new_rollout_on_the_ring_ends_the_pin_so_re_signing_never_pins_again()
     h.shutdown().await;
 }
 
-/// Run the `ringcast` binary against `h` with `token` (off the async workers: it blocks).
-async fn ringcast(h: &ControllerHandle, token: &str, args: &[&str]) -> std::process::Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"));
-    cmd.args(args)
-        .env("RINGCAST_SERVER", h.http_url())
-        .env("RINGCAST_TOKEN", token);
-    let run = tokio::task::spawn_blocking(move || cmd.output().unwrap());
-    tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("ringcast finished within 30 s")
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_line_pins_shows_and_unpins_with_json() {
     let w = World::new();
@@ -531,31 +518,31 @@ async fn command_line_pins_shows_and_unpins_with_json() {
     known(&h, &fleet, "canary", &["canary-0"]).await;
     w.submit_now(&h, 2).await;
 
-    let o = ringcast(&h, OPERATOR, &["devices", "pin", "canary-0", "app-2"]).await;
+    let o = ringcast_as(&h, OPERATOR, &["devices", "pin", "canary-0", "app-2"]).await;
     assert!(!o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("forbidden"),
         "{o:?}"
     );
 
-    let o = ringcast(&h, APPROVER, &["devices", "pin", "canary-0", "app-2"]).await;
+    let o = ringcast_as(&h, APPROVER, &["devices", "pin", "canary-0", "app-2"]).await;
     assert!(o.status.success(), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("pin       app-2"));
 
-    let o = ringcast(&h, VIEWER, &["--json", "devices", "show", "canary-0"]).await;
+    let o = ringcast_as(&h, VIEWER, &["--json", "devices", "show", "canary-0"]).await;
     assert!(o.status.success(), "{o:?}");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["pin"]["release_id"], "app-2");
     assert_eq!(v["pin"]["ring"], "canary");
-    let o = ringcast(&h, VIEWER, &["devices", "show", "canary-0"]).await;
+    let o = ringcast_as(&h, VIEWER, &["devices", "show", "canary-0"]).await;
     assert!(String::from_utf8_lossy(&o.stdout).contains("pin       app-2"));
 
-    let o = ringcast(&h, APPROVER, &["--json", "devices", "unpin", "canary-0"]).await;
+    let o = ringcast_as(&h, APPROVER, &["--json", "devices", "unpin", "canary-0"]).await;
     assert!(o.status.success(), "{o:?}");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["release_id"], serde_json::Value::Null);
     assert_eq!(v["ended"], "unpinned");
-    let o = ringcast(&h, VIEWER, &["--json", "devices", "show", "canary-0"]).await;
+    let o = ringcast_as(&h, VIEWER, &["--json", "devices", "show", "canary-0"]).await;
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["pin"], serde_json::Value::Null);
     h.shutdown().await;

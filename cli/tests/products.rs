@@ -264,5 +264,31 @@ async fn a_device_running_two_products_shows_each_in_the_api_and_the_cli() {
     let show = cli(&h, &["devices", "show", "canary-1"]).await;
     assert!(show.lines().any(|l| l == "phase     probation"), "{show}");
     assert!(!show.contains("product   "), "{show}");
+
+    // Pinned for both products, the device is unpinned one product at a time, as
+    // docs/operations.md §3.1 writes it: `ringcast devices unpin DEVICE --product os`.
+    for release in [os.release_id.as_str(), app.release_id.as_str()] {
+        let o = ringcast_as(&h, APPROVER, &["devices", "pin", "canary-0", release]).await;
+        assert!(o.status.success(), "pin {release}: {o:?}");
+    }
+    let o = ringcast_as(&h, APPROVER, &["devices", "unpin", "canary-0"]).await;
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("pin_ambiguous"),
+        "{o:?}"
+    );
+    let o = ringcast_as(
+        &h,
+        APPROVER,
+        &["--json", "devices", "unpin", "canary-0", "--product", "os"],
+    )
+    .await;
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["product"], "os", "{v}");
+    assert_eq!(v["ended"], "unpinned", "{v}");
+    // The app pin stands; now it is the only one, and a plain unpin ends it.
+    let o = ringcast_as(&h, APPROVER, &["devices", "unpin", "canary-0"]).await;
+    assert!(o.status.success(), "{o:?}");
     h.shutdown().await;
 }

@@ -512,21 +512,23 @@ pub fn api(h: &ControllerHandle, token: &str) -> ringcast_controller::client::Cl
     ringcast_controller::client::Client::new(&h.http_url(), Some(token.into()))
 }
 
-/// Run the `ringcast` binary against `h` as the viewer (off the runtime: it blocks until it
-/// exits); its stdout, or a panic with its stderr.
+/// Run the `ringcast` binary against `h` with `token` (off the runtime: it blocks until it
+/// exits, within 30 s).
+pub async fn ringcast_as(h: &ControllerHandle, token: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"));
+    cmd.args(args)
+        .env("RINGCAST_SERVER", h.http_url())
+        .env("RINGCAST_TOKEN", token);
+    let run = tokio::task::spawn_blocking(move || cmd.output().expect("run ringcast"));
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("ringcast finished within 30 s")
+        .expect("cli task")
+}
+
+/// [`ringcast_as`] the viewer: its stdout, or a panic with its stderr.
 pub async fn cli(h: &ControllerHandle, args: &[&str]) -> String {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let url = h.http_url();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
-            .args(&args)
-            .env("RINGCAST_SERVER", url)
-            .env("RINGCAST_TOKEN", VIEWER)
-            .output()
-            .expect("run ringcast")
-    })
-    .await
-    .expect("cli task");
+    let out = ringcast_as(h, VIEWER, args).await;
     assert!(
         out.status.success(),
         "ringcast failed: {}",
